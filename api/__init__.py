@@ -1,0 +1,1 @@
+"""The HTTP API of the job service (FastAPI); thin, calls :mod:`xmgie.jobs`."""

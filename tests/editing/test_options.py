@@ -1,0 +1,48 @@
+"""EditOptions: every per-item knob validated, unknown keys refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from xmgie.editing.errors import EditInputError
+from xmgie.editing.options import EditOptions
+
+
+def test_defaults_are_instruct_pix2pix_guidance():
+    options = EditOptions()
+    assert (options.guidance_scale, options.image_guidance_scale, options.max_side) == (7.5, 1.5, 512)
+
+
+def test_round_trip_through_json_form():
+    options = EditOptions(num_inference_steps=12, seed=5, guidance_scale=5.0, max_side=256)
+    assert EditOptions.from_dict(options.to_dict()) == options
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_inference_steps", 0),
+        ("num_inference_steps", 2.5),
+        ("guidance_scale", -1),
+        ("guidance_scale", "7.5"),
+        ("image_guidance_scale", True),
+        ("seed", -3),
+        ("max_side", 500),
+        ("max_new_tokens", 4),
+    ],
+)
+def test_invalid_values_name_the_option(field, value):
+    with pytest.raises(EditInputError) as error:
+        EditOptions.from_dict({field: value})
+    assert error.value.code == "invalid_option"
+    assert field in error.value.message
+
+
+def test_unknown_option_is_refused_not_ignored():
+    with pytest.raises(EditInputError, match="guidence_scale"):
+        EditOptions.from_dict({"guidence_scale": 3.0})
+
+
+def test_batch_key_separates_incompatible_items():
+    assert EditOptions(seed=1).batch_key() == EditOptions(seed=2).batch_key()
+    assert EditOptions(num_inference_steps=10).batch_key() != EditOptions(num_inference_steps=20).batch_key()

@@ -1,0 +1,165 @@
+"""The diffusion stage and the whole pipeline on the tiny preset."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import gradient_image
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+)
+from PIL import Image
+
+from xmgie.editing.errors import EditInputError
+from xmgie.editing.images import load_image
+from xmgie.editing.pipeline import XMGIEPipeline
+
+
+def reference_ip2p(pipe: XMGIEPipeline, scheduler) -> StableDiffusionInstructPix2PixPipeline:
+    """diffusers' InstructPix2Pix pipeline over the same UNet and VAE, fed embeddings directly."""
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=pipe.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipe.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "scheduler_cls", [EulerAncestralDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
+)
+def test_diffusion_stage_reproduces_instruct_pix2pix(tiny_pipe, scheduler_cls):
+    scheduler = scheduler_cls.from_config(tiny_pipe.scheduler.config)
+    pipe = XMGIEPipeline(**{**tiny_pipe.components, "scheduler": scheduler})
+    image = gradient_image(64, 48)
+    prompt_embeds, negative_embeds, _ = pipe.encode_instructions([image], ["make it snow"], 96, {})
+
+    expected = reference_ip2p(pipe, scheduler_cls.from_config(scheduler.config))(
+        image=image,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        image_guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+
+    with torch.no_grad():
+        image_latents = pipe.prepare_image_latents(pipe.image_processor.preprocess(image))
+        latents = pipe.denoise(
+            image_latents,
+            prompt_embeds,
+            negative_embeds,
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            image_guidance_scale=1.5,
+            generator=torch.Generator().manual_seed(3),
+        )
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    ours = pipe.image_processor.postprocess(decoded, output_type="np")
+    assert ours.shape == expected.shape == (1, 48, 64, 3)
+    assert np.abs(ours - expected).max() <= 1e-4
+    # Guidance matters: the unguided call gives another picture, so the comparison above has teeth.
+    with torch.no_grad():
+        unguided = pipe.denoise(
+            image_latents,
+            prompt_embeds,
+            negative_embeds,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(3),
+        )
+    assert not torch.allclose(unguided, latents, atol=1e-3)
+
+
+def test_same_seed_same_output_other_seed_other_output(tiny_pipe):
+    image = gradient_image(64, 64)
+
+    def run(seed: int) -> np.ndarray:
+        out = tiny_pipe(image, "add a rainbow", num_inference_steps=3, generator=torch.Generator().manual_seed(seed))
+        return np.asarray(out.images[0])
+
+    first, again, other = run(7), run(7), run(8)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_batch_equals_items_edited_alone(tiny_pipe):
+    images = [gradient_image(64, 64, 0.0), gradient_image(64, 64, 1.5), gradient_image(48, 64, 3.0)]
+    instructions = ["make it winter", "add fireworks in the sky", "turn the walls blue"]
+    seeds = [11, 12, 13]
+    batch = tiny_pipe(
+        images,
+        instructions,
+        num_inference_steps=3,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    )
+    for index, (image, instruction, seed) in enumerate(zip(images, instructions, seeds, strict=True)):
+        alone = tiny_pipe(
+            image,
+            instruction,
+            num_inference_steps=3,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(seed),
+        )
+        assert alone.expressive_instructions[0] == batch.expressive_instructions[index]
+        torch.testing.assert_close(batch.images[index], alone.images[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch.images[0], batch.images[1])
+
+
+def test_odd_sized_rgba_comes_back_at_its_own_size(tiny_pipe):
+    rgba = Image.new("RGBA", (67, 45), (200, 30, 30, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 20, 45))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    image = load_image(buffer.getvalue())
+    out = tiny_pipe(image, "make it green", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (67, 45)
+    assert out.images[0].mode == "RGB"
+    assert set(out.timings) == {"mllm", "edit_head", "vae_encode", "diffusion", "vae_decode"}
+    assert all(seconds > 0 for seconds in out.timings.values())
+
+
+def test_callback_sees_every_step_and_can_replace_latents(tiny_pipe):
+    seen: list[int] = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append(step)
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = tiny_pipe(
+        gradient_image(32, 32),
+        "x",
+        num_inference_steps=4,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=callback,
+    )
+    assert seen == [0, 1, 2, 3]
+    assert torch.count_nonzero(out.images[0]) == 0
+
+
+def test_bad_batches_are_refused_with_a_clear_error(tiny_pipe):
+    image = gradient_image(32, 32)
+    with pytest.raises(EditInputError) as error:
+        tiny_pipe(image, "   ")
+    assert error.value.code == "empty_instruction"
+    with pytest.raises(ValueError, match="2 images but 1 instructions"):
+        tiny_pipe([image, image], ["x"])
+    with pytest.raises(EditInputError) as error:
+        tiny_pipe(image, "x", mask=Image.new("L", (16, 32)))
+    assert error.value.code == "mask_size_mismatch"
+    with pytest.raises(ValueError, match="mode 'RGBA'"):
+        tiny_pipe(image.convert("RGBA"), "x")

@@ -1,0 +1,109 @@
+"""The ``xmgie`` command, run as a user runs it: a separate process on the bundled examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def xmgie(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xmgie.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"XMGIE_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_edit_writes_an_image_at_the_inputs_size(tmp_path, tiny_dir, model_cache):
+    output = tmp_path / "out" / "cat.png"
+    result = xmgie(
+        "edit",
+        str(EXAMPLES / "chelsea.png"),
+        "--instruction",
+        "make the cat wear a red hat",
+        "--mask",
+        str(EXAMPLES / "chelsea_mask.png"),
+        "--steps",
+        "2",
+        "--max-side",
+        "64",
+        "--seed",
+        "4",
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        cache_dir=model_cache,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(output).size == Image.open(EXAMPLES / "chelsea.png").size
+    assert "expressive instruction:" in result.stdout
+    assert "seed: 4" in result.stdout
+    for stage in ("mllm", "edit_head", "diffusion", "vae_decode"):
+        assert stage in result.stdout
+    assert result.stderr == ""
+
+
+def test_edit_reports_bad_input_with_its_code(tmp_path, model_cache):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is not a picture")
+    result = xmgie(
+        "edit", str(not_an_image), "--instruction", "x", "--output", str(tmp_path / "o.png"), cache_dir=model_cache
+    )
+    assert result.returncode == 2
+    assert "not_an_image" in result.stderr
+    assert not (tmp_path / "o.png").exists()
+
+    result = xmgie(
+        "edit",
+        str(EXAMPLES / "chelsea.png"),
+        "--instruction",
+        "  ",
+        "--output",
+        str(tmp_path / "o.png"),
+        cache_dir=model_cache,
+    )
+    assert result.returncode == 2
+    assert "empty_instruction" in result.stderr
+
+    result = xmgie(
+        "edit",
+        str(EXAMPLES / "astronaut.png"),
+        "--instruction",
+        "x",
+        "--mask",
+        str(EXAMPLES / "chelsea_mask.png"),
+        "--steps",
+        "1",
+        "--max-side",
+        "64",
+        "--output",
+        str(tmp_path / "o.png"),
+        cache_dir=model_cache,
+    )
+    assert result.returncode == 2
+    assert "mask_aspect_mismatch" in result.stderr
+
+
+def test_model_init_tiny_and_info(tmp_path, model_cache):
+    target = tmp_path / "tiny-model"
+    result = xmgie("model", "init-tiny", str(target), cache_dir=model_cache)
+    assert result.returncode == 0, result.stderr
+    result = xmgie("model", "info", str(target), cache_dir=model_cache)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["path"] == str(target)
+    assert info["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert len(info["img_token_ids"]) == 8
+
+    result = xmgie("model", "info", str(tmp_path / "missing"), cache_dir=model_cache)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr

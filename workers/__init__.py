@@ -1,0 +1,1 @@
+"""Celery workers of the job service; thin, call :mod:`xmgie`."""

@@ -1,0 +1,203 @@
+"""The ``xmgie`` command: one-off edits and model directory tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XMGIE_CACHE_DIR", Path.home() / ".cache" / "xmgie"))
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="model directory, or 'tiny' (random weights; default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16/fp16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help="where the tiny preset is written on first use (env XMGIE_CACHE_DIR)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``xmgie`` command."""
+    from xmgie.editing.options import (
+        DEFAULT_GUIDANCE_SCALE,
+        DEFAULT_IMAGE_GUIDANCE_SCALE,
+        DEFAULT_MAX_SIDE,
+        DEFAULT_STEPS,
+    )
+
+    parser = argparse.ArgumentParser(prog="xmgie", description="MLLM-guided image editing.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    edit = commands.add_parser("edit", help="edit one image by an instruction")
+    edit.add_argument("image", type=Path)
+    edit.add_argument("--instruction", required=True)
+    edit.add_argument("--mask", type=Path, help="white = region to edit")
+    edit.add_argument("--output", type=Path, required=True, help="output image path (.png, .jpg, .webp)")
+    edit.add_argument("--seed", type=int, help="noise seed (default: drawn and printed)")
+    edit.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    edit.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    edit.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE)
+    edit.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side the model works at")
+    _add_runtime_arguments(edit)
+
+    model = commands.add_parser("model", help="model directory tools")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    init_tiny = model_commands.add_parser("init-tiny", help="write the tiny preset (random weights) to DIR")
+    init_tiny.add_argument("directory", type=Path)
+    info = model_commands.add_parser("info", help="describe a model directory (or 'tiny')")
+    info.add_argument("model")
+    info.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    convert = model_commands.add_parser("convert-mgie", help="convert the released MGIE files into a model directory")
+    convert.add_argument("--llava", type=Path, required=True, help="LLaVA-7B v1 directory")
+    convert.add_argument("--clip", type=Path, required=True, help="CLIP ViT-L/14 directory (the vision tower)")
+    convert.add_argument("--mllm", type=Path, required=True, help="MGIE's mllm.pt")
+    convert.add_argument("--unet", type=Path, required=True, help="MGIE's unet.pt")
+    convert.add_argument("--ip2p", type=Path, required=True, help="timbrooks/instruct-pix2pix directory")
+    convert.add_argument("--output", type=Path, required=True, help="model directory to write")
+    convert.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    return parser
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, DTYPES[name])
+
+
+def _load(args: argparse.Namespace):
+    from xmgie.loading.directory import load_pipeline
+
+    device = None if args.device == "auto" else args.device
+    return load_pipeline(args.model, cache_dir=args.cache_dir, device=device, dtype=_torch_dtype(args.dtype))
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """``xmgie edit``: one edit, printing the expressive instruction and the stage timings."""
+    import torch
+
+    from xmgie.editing.images import check_instruction, load_image, load_mask
+    from xmgie.editing.options import EditOptions
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    options = EditOptions(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        image_guidance_scale=args.image_guidance_scale,
+        seed=seed,
+        max_side=args.max_side,
+    )
+    image = load_image(args.image)
+    mask = load_mask(args.mask, image.size) if args.mask else None
+    instruction = check_instruction(args.instruction)
+    if args.output.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
+        raise ValueError(f"--output must end in .png, .jpg, .jpeg or .webp, got {args.output.name!r}")
+
+    started = time.perf_counter()
+    pipe = _load(args)
+    load_seconds = time.perf_counter() - started
+    out = pipe(
+        image,
+        instruction,
+        mask=mask,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        image_guidance_scale=options.image_guidance_scale,
+        max_side=options.max_side,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    out.images[0].save(args.output)
+    print(f"expressive instruction: {out.expressive_instructions[0]}")
+    print(f"seed: {seed}")
+    print(f"wrote {args.output} ({out.images[0].size[0]}×{out.images[0].size[1]})")
+    print(
+        "timings (s): "
+        + ", ".join(
+            [f"load {load_seconds:.2f}"] + [f"{stage} {seconds:.2f}" for stage, seconds in out.timings.items()]
+        )
+    )
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """``xmgie model ...``: write the tiny preset, describe a directory, or convert MGIE's release."""
+    if args.model_command == "init-tiny":
+        from xmgie.loading.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline().save_pretrained(args.directory, safe_serialization=True)
+        print(f"wrote the tiny preset (random weights) to {args.directory}")
+    elif args.model_command == "info":
+        from xmgie.loading.directory import model_info
+
+        print(json.dumps(model_info(args.model, args.cache_dir), indent=2))
+    else:
+        from xmgie.loading.convert_mgie import convert_mgie
+
+        path = convert_mgie(
+            llava_dir=args.llava,
+            clip_dir=args.clip,
+            mllm_ckpt=args.mllm,
+            unet_ckpt=args.unet,
+            ip2p_dir=args.ip2p,
+            output_dir=args.output,
+            dtype=_torch_dtype(args.dtype),
+        )
+        print(f"wrote {path}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep the command's output to its own lines: no loading bars or library warnings."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``xmgie`` command; input errors exit with status 2 and a one-line message."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from xmgie.editing.errors import EditInputError
+    from xmgie.loading.directory import ModelDirectoryError
+
+    try:
+        if args.command == "edit":
+            return run_edit(args)
+        return run_model(args)
+    except EditInputError as error:
+        print(f"error: {error.code}: {error.message}", file=sys.stderr)
+        return 2
+    except (ModelDirectoryError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model directories: the on-disk format, the ``tiny`` preset and converters from released checkpoints."""
