@@ -40,12 +40,14 @@ class XMGIEPipelineOutput(BaseOutput):
         masks: the mask used per item at the input's size (``None`` where none was given).
         timings: seconds spent per stage over the whole batch: ``mllm``, ``edit_head``, ``vae_encode``,
             ``diffusion`` and ``vae_decode``.
+        peak_memory: on CUDA, the peak allocated bytes (weights included) per stage; empty elsewhere.
     """
 
     images: list
     expressive_instructions: list[str]
     masks: list[PIL.Image.Image | None]
     timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)
 
 
 class XMGIEPipeline(DiffusionPipeline):
@@ -90,14 +92,19 @@ class XMGIEPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ helpers
 
     @contextmanager
-    def _timed(self, timings: dict[str, float], stage: str):
+    def _timed(self, timings: dict[str, float], stage: str, peak_memory: dict[str, int] | None = None):
+        """Add the stage's seconds to ``timings`` and, on CUDA, its peak allocated bytes to ``peak_memory``."""
         device = self._execution_device
-        if device.type == "cuda":
+        on_cuda = device.type == "cuda"
+        if on_cuda:
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         yield
-        if device.type == "cuda":
+        if on_cuda:
             torch.cuda.synchronize(device)
+            if peak_memory is not None:
+                peak_memory[stage] = max(peak_memory.get(stage, 0), torch.cuda.max_memory_allocated(device))
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
     def check_inputs(
@@ -142,14 +149,19 @@ class XMGIEPipeline(DiffusionPipeline):
         return images, instructions, masks
 
     def encode_instructions(
-        self, images: list[PIL.Image.Image], instructions: list[str], max_new_tokens: int, timings: dict[str, float]
+        self,
+        images: list[PIL.Image.Image],
+        instructions: list[str],
+        max_new_tokens: int,
+        timings: dict[str, float],
+        peak_memory: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Expressive instructions and UNet conditioning for the batch, plus the null conditioning."""
-        with self._timed(timings, "mllm"):
+        with self._timed(timings, "mllm", peak_memory):
             mllm_out = generate_expressive_instructions(
                 self.mllm, self.tokenizer, self.feature_extractor, images, instructions, max_new_tokens=max_new_tokens
             )
-        with self._timed(timings, "edit_head"):
+        with self._timed(timings, "edit_head", peak_memory):
             hidden = mllm_out.img_hidden_states.to(device=self.edit_head.device, dtype=self.edit_head.dtype)
             prompt_embeds = self.edit_head(hidden)
             negative_prompt_embeds = self.edit_head.null_conditioning(len(images))
@@ -280,10 +292,11 @@ class XMGIEPipeline(DiffusionPipeline):
             image, instruction, mask, generator, callback_on_step_end_tensor_inputs
         )
         timings: dict[str, float] = {}
+        peak_memory: dict[str, int] = {}
 
         # 2. Expressive instructions and conditioning (the MLLM sees every item in one batch)
         prompt_embeds, negative_prompt_embeds, expressive = self.encode_instructions(
-            images, instructions, max_new_tokens, timings
+            images, instructions, max_new_tokens, timings, peak_memory
         )
 
         # 3. Working sizes: items of the same size share a batched diffusion call
@@ -297,12 +310,12 @@ class XMGIEPipeline(DiffusionPipeline):
             group_generator = [generator[i] for i in indices] if isinstance(generator, list) else generator
 
             # 4. Source-image latents
-            with self._timed(timings, "vae_encode"):
+            with self._timed(timings, "vae_encode", peak_memory):
                 pixels = torch.cat([self.image_processor.preprocess(working[i]) for i in indices])
                 image_latents = self.prepare_image_latents(pixels)
 
             # 5. Denoising loop
-            with self._timed(timings, "diffusion"):
+            with self._timed(timings, "diffusion", peak_memory):
                 latents = self.denoise(
                     image_latents,
                     prompt_embeds[indices],
@@ -320,7 +333,7 @@ class XMGIEPipeline(DiffusionPipeline):
                 for row, i in enumerate(indices):
                     outputs[i] = latents[row]
                 continue
-            with self._timed(timings, "vae_decode"):
+            with self._timed(timings, "vae_decode", peak_memory):
                 decoded = self.decode_latents(latents)
             for row, i in enumerate(indices):
                 result = decoded[row]
@@ -331,4 +344,6 @@ class XMGIEPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return outputs, expressive
-        return XMGIEPipelineOutput(images=outputs, expressive_instructions=expressive, masks=masks, timings=timings)
+        return XMGIEPipelineOutput(
+            images=outputs, expressive_instructions=expressive, masks=masks, timings=timings, peak_memory=peak_memory
+        )
