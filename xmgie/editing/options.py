@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from xmgie.editing.errors import EditInputError
@@ -19,6 +19,172 @@ def _invalid(name: str, value: Any, rule: str) -> EditInputError:
     return EditInputError("invalid_option", f"option {name}={value!r} is invalid: {rule}")
 
 
+PFB_REFERENCES = ("noise", "inversion")
+CAM_MODES = ("hard", "soft")
+IE_REFERENCES = ("source", "outside_mask", "image")
+IE_REGIONS = (None, "outside_mask", "inside_mask")
+UNET_BLOCKS = (
+    "mid_block",
+    "up_blocks.0",
+    "up_blocks.1",
+    "up_blocks.2",
+    "up_blocks.3",
+    "down_blocks.0",
+    "down_blocks.1",
+    "down_blocks.2",
+    "down_blocks.3",
+)
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _invalid(name, value, f"a number in [{low}, {high}]")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise _invalid(name, value, f"one of {', '.join(repr(c) for c in choices)}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _invalid(name, value, "true or false")
+
+
+@dataclass(frozen=True)
+class PFBOptions:
+    """Progressive feature blending: keep the outside of the mask on a reference branch of the source.
+
+    Attributes:
+        enabled: switch.
+        blocks: UNet blocks whose output features are blended with the reference branch's
+            (default: the middle block and the decoder blocks working at 1/8 and 1/4 of the latent size,
+            i.e. 8×8 and 16×16 for a 512-pixel image).
+        latent_blend_fraction: leading fraction of the steps during which latents are blended too.
+        reference: ``noise`` (source latent noised with a fixed noise per step) or ``inversion`` (DDIM inversion).
+    """
+
+    enabled: bool = True
+    blocks: tuple[str, ...] = ("mid_block", "up_blocks.0", "up_blocks.1")
+    latent_blend_fraction: float = 0.5
+    reference: str = "noise"
+
+    def __post_init__(self) -> None:
+        _check_flag("pfb.enabled", self.enabled)
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        for block in self.blocks:
+            _check_choice("pfb.blocks", block, UNET_BLOCKS)
+        _check_number("pfb.latent_blend_fraction", self.latent_blend_fraction, 0.0, 1.0)
+        _check_choice("pfb.reference", self.reference, PFB_REFERENCES)
+
+
+@dataclass(frozen=True)
+class CAMOptions:
+    """Cross-attention masking: the edit conditioning acts only inside the mask.
+
+    Attributes:
+        enabled: switch.
+        mode: ``hard`` (outside the binarised mask image positions attend to the null conditioning only)
+            or ``soft`` (the edit conditioning's weight follows the soft mask).
+    """
+
+    enabled: bool = True
+    mode: str = "hard"
+
+    def __post_init__(self) -> None:
+        _check_flag("cam.enabled", self.enabled)
+        _check_choice("cam.mode", self.mode, CAM_MODES)
+
+
+@dataclass(frozen=True)
+class IEOptions:
+    """Identity embeddings: an image encoder's tokens enter the UNet by decoupled cross-attention.
+
+    Attributes:
+        enabled: switch (needs a model with an image encoder and an identity adapter).
+        scale: weight of the identity branch; 0 reproduces the output without it.
+        reference: what is embedded — ``source`` (the source image), ``outside_mask`` (the source with the
+            edit region greyed out) or ``image`` (a reference image given with the item).
+        region: where the identity branch acts — everywhere (``None``), ``outside_mask`` or ``inside_mask``.
+    """
+
+    enabled: bool = True
+    scale: float = 0.3
+    reference: str = "source"
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_flag("ie.enabled", self.enabled)
+        _check_number("ie.scale", self.scale, 0.0, 5.0)
+        _check_choice("ie.reference", self.reference, IE_REFERENCES)
+        _check_choice("ie.region", self.region, IE_REGIONS)
+
+
+@dataclass(frozen=True)
+class GBOptions:
+    """Gaussian blurring: σ(D) = σ_max·exp(−D²/(2σ_s²)) of the distance D to the mask boundary.
+
+    The blurred mask drives feature blending and the final pixel composite with the source.
+    """
+
+    enabled: bool = True
+    sigma_max: float = 5.0
+    sigma_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_flag("gb.enabled", self.enabled)
+        _check_number("gb.sigma_max", self.sigma_max, 0.0, 64.0)
+        _check_number("gb.sigma_s", self.sigma_s, 0.1, 256.0)
+
+
+@dataclass(frozen=True)
+class AutoMaskOptions:
+    """Automatic mask when the item has none: DiffEdit-style difference of noise predictions.
+
+    Attributes:
+        enabled: switch; without a mask and with this off, the extensions have no region to act on.
+        draws: noise draws averaged.
+        strength: noise level of the draws, as a fraction of the training schedule.
+        threshold: fraction of the largest difference above which a pixel is edited.
+    """
+
+    enabled: bool = True
+    draws: int = 8
+    strength: float = 0.5
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_flag("auto_mask.enabled", self.enabled)
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or not 1 <= self.draws <= 32:
+            raise _invalid("auto_mask.draws", self.draws, "an integer in [1, 32]")
+        _check_number("auto_mask.strength", self.strength, 0.05, 1.0)
+        _check_number("auto_mask.threshold", self.threshold, 0.01, 0.99)
+
+
+EXTENSION_GROUPS: dict[str, type] = {
+    "pfb": PFBOptions,
+    "cam": CAMOptions,
+    "ie": IEOptions,
+    "gb": GBOptions,
+    "auto_mask": AutoMaskOptions,
+}
+
+
+def _group_from(name: str, value: Any):
+    cls = EXTENSION_GROUPS[name]
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, bool):
+        return cls(enabled=value)
+    if not isinstance(value, dict):
+        raise _invalid(name, value, "an object of options, or true/false")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise EditInputError("invalid_option", f"unknown option(s) in {name}: {', '.join(unknown)}")
+    return cls(**value)
+
+
 @dataclass(frozen=True)
 class EditOptions:
     """Everything an item may tune.
@@ -31,8 +197,8 @@ class EditOptions:
         max_side: the long side the model works at (multiple of 8); outputs come back at the input's size.
         max_new_tokens: generation budget of the MLLM for the expressive instruction and ``[IMG]`` tokens.
 
-    The extensions (progressive feature blending, cross-attention masking, identity embeddings,
-    Gaussian blurring) plug in here as nested option groups, each switchable per item.
+        pfb, cam, ie, gb, auto_mask: the extensions' option groups, each switchable per item
+            (``{"pfb": false}`` or ``{"pfb": {"latent_blend_fraction": 0.3}}`` in JSON).
     """
 
     num_inference_steps: int = DEFAULT_STEPS
@@ -41,8 +207,15 @@ class EditOptions:
     seed: int | None = None
     max_side: int = DEFAULT_MAX_SIDE
     max_new_tokens: int = 96
+    pfb: PFBOptions = field(default_factory=PFBOptions)
+    cam: CAMOptions = field(default_factory=CAMOptions)
+    ie: IEOptions = field(default_factory=IEOptions)
+    gb: GBOptions = field(default_factory=GBOptions)
+    auto_mask: AutoMaskOptions = field(default_factory=AutoMaskOptions)
 
     def __post_init__(self) -> None:
+        for name in EXTENSION_GROUPS:
+            object.__setattr__(self, name, _group_from(name, getattr(self, name)))
         if not isinstance(self.num_inference_steps, int) or not 1 <= self.num_inference_steps <= MAX_STEPS:
             raise _invalid("num_inference_steps", self.num_inference_steps, f"an integer in [1, {MAX_STEPS}]")
         for name in ("guidance_scale", "image_guidance_scale"):
@@ -80,4 +253,17 @@ class EditOptions:
             self.image_guidance_scale,
             self.max_side,
             self.max_new_tokens,
+            self.pfb,
+            self.cam,
+            self.ie,
+            self.gb,
+            self.auto_mask,
         )
+
+    def extension_groups(self) -> tuple[PFBOptions, CAMOptions, IEOptions, GBOptions, AutoMaskOptions]:
+        """The option groups of the extensions, in the pipeline's argument order."""
+        return self.pfb, self.cam, self.ie, self.gb, self.auto_mask
+
+    def all_extensions_off(self) -> EditOptions:
+        """These options with every extension and the automatic mask switched off (plain MGIE)."""
+        return replace(self, **{name: False for name in EXTENSION_GROUPS})

@@ -16,16 +16,28 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
+from xmgie.editing.blending import FeatureBlender, ddim_inverted_latents, noised_reference_latents
+from xmgie.editing.blur import composite_images, resize_mask, soften_mask
 from xmgie.editing.edit_head import EditMapper
 from xmgie.editing.errors import EditInputError
-from xmgie.editing.images import check_instruction, to_working_size
+from xmgie.editing.identity import IdentityAdapter, encode_identity, identity_score
+from xmgie.editing.images import check_instruction, mask_to_tensor, to_working_size
+from xmgie.editing.masks import estimate_edit_masks, mask_pyramid
 from xmgie.editing.mllm import MAX_NEW_TOKENS, generate_expressive_instructions
 from xmgie.editing.options import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_MAX_SIDE,
     DEFAULT_STEPS,
+    AutoMaskOptions,
+    CAMOptions,
+    EditOptions,
+    GBOptions,
+    IEOptions,
+    PFBOptions,
 )
+from xmgie.metrics import preservation as preservation_outside
 
 GeneratorInput = torch.Generator | list[torch.Generator] | None
 
@@ -41,6 +53,9 @@ class XMGIEPipelineOutput(BaseOutput):
         timings: seconds spent per stage over the whole batch: ``mllm``, ``edit_head``, ``vae_encode``,
             ``diffusion`` and ``vae_decode``.
         peak_memory: on CUDA, the peak allocated bytes (weights included) per stage; empty elsewhere.
+        identity_scores: per item, cosine similarity of the identity encoder's embeddings of source and output
+            (``None`` when identity embeddings were off or unavailable).
+        preservation: per item with a mask, PSNR and L1 between source and output outside the mask.
     """
 
     images: list
@@ -48,6 +63,8 @@ class XMGIEPipelineOutput(BaseOutput):
     masks: list[PIL.Image.Image | None]
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
+    identity_scores: list[float | None] = field(default_factory=list)
+    preservation: list[dict[str, float] | None] = field(default_factory=list)
 
 
 class XMGIEPipeline(DiffusionPipeline):
@@ -61,9 +78,12 @@ class XMGIEPipeline(DiffusionPipeline):
         unet ([`UNet2DConditionModel`]): InstructPix2Pix UNet (8 input channels).
         vae ([`AutoencoderKL`]): the image autoencoder.
         scheduler ([`SchedulerMixin`]): any diffusers scheduler; Euler-ancestral in the released model.
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`], optional): identity encoder (IE).
+        identity_adapter ([`IdentityAdapter`], optional): IP-Adapter-style identity projections (IE).
     """
 
-    model_cpu_offload_seq = "mllm->edit_head->unet->vae"
+    model_cpu_offload_seq = "mllm->edit_head->image_encoder->unet->vae"
+    _optional_components = ["image_encoder", "identity_adapter"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "image_latents"]
 
     def __init__(
@@ -75,6 +95,8 @@ class XMGIEPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
         scheduler: KarrasDiffusionSchedulers,
+        image_encoder=None,
+        identity_adapter: IdentityAdapter | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -85,6 +107,8 @@ class XMGIEPipeline(DiffusionPipeline):
             unet=unet,
             vae=vae,
             scheduler=scheduler,
+            image_encoder=image_encoder,
+            identity_adapter=identity_adapter,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -148,6 +172,7 @@ class XMGIEPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
         return images, instructions, masks
 
+    @torch.no_grad()
     def encode_instructions(
         self,
         images: list[PIL.Image.Image],
@@ -167,6 +192,7 @@ class XMGIEPipeline(DiffusionPipeline):
             negative_prompt_embeds = self.edit_head.null_conditioning(len(images))
         return prompt_embeds, negative_prompt_embeds, mllm_out.expressive_instructions
 
+    @torch.no_grad()
     def prepare_image_latents(self, image: torch.Tensor) -> torch.Tensor:
         """Source-image latents as InstructPix2Pix uses them: the VAE posterior mode, unscaled."""
         image = image.to(device=self._execution_device, dtype=self.vae.dtype)
@@ -180,6 +206,7 @@ class XMGIEPipeline(DiffusionPipeline):
         latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    @torch.no_grad()
     def denoise(
         self,
         image_latents: torch.Tensor,
@@ -193,6 +220,14 @@ class XMGIEPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        edit_masks: torch.Tensor | None = None,
+        pfb: PFBOptions | None = None,
+        cam: CAMOptions | None = None,
+        identity_tokens: torch.Tensor | None = None,
+        identity_scale: float = 0.0,
+        identity_regions: torch.Tensor | None = None,
+        pfb_sequential: bool = False,
+        capture_attention: bool = False,
     ) -> torch.Tensor:
         """The diffusion stage: InstructPix2Pix three-way classifier-free guidance over the scheduler's steps.
 
@@ -200,43 +235,160 @@ class XMGIEPipeline(DiffusionPipeline):
         the edit conditioning and the source latents, the image branch the null conditioning and the
         source latents, and the unconditional branch the null conditioning and zero latents — the
         semantics of diffusers' ``StableDiffusionInstructPix2PixPipeline``.
+
+        Extensions, each active only when its inputs are given:
+
+        - ``edit_masks`` (B, 1, H, W) soft masks (1 = edit) with ``pfb`` enabled: a reference branch of the
+          source rides in the same UNet call (``pfb_sequential`` runs it as a separate call instead) and
+          its features and, for the leading steps, latents are blended outside the mask.
+        - ``edit_masks`` with ``cam`` enabled: cross-attention masking of the edit conditioning.
+        - ``identity_tokens`` (B, T, D) with a non-zero ``identity_scale``: decoupled identity cross-attention,
+          limited to ``identity_regions`` (B, 1, H, W) when given.
+        - ``capture_attention``: the cross-attention layers record what they did in ``self.attention_records``.
         """
         device = self._execution_device
         batch_size = image_latents.shape[0]
         do_cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+        num_branches = 3 if do_cfg else 1
         dtype = self.unet.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        image_latents = image_latents.to(device=device, dtype=dtype)
+        source_image_latents = image_latents.to(device=device, dtype=dtype)
         if do_cfg:
             conditioning = torch.cat([prompt_embeds, negative_prompt_embeds, negative_prompt_embeds])
-            image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+            image_latents = torch.cat(
+                [source_image_latents, source_image_latents, torch.zeros_like(source_image_latents)]
+            )
         else:
             conditioning = prompt_embeds
+            image_latents = source_image_latents
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = self.prepare_latents(batch_size, *image_latents.shape[-2:], dtype, generator)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        latent_size = tuple(latents.shape[-2:])
 
-        for i, t in enumerate(self.scheduler.timesteps):
-            model_input = torch.cat([latents] * 3) if do_cfg else latents
-            model_input = torch.cat([self.scheduler.scale_model_input(model_input, t), image_latents], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=conditioning, return_dict=False)[0]
-            if do_cfg:
-                noise_text, noise_image, noise_uncond = noise_pred.chunk(3)
-                noise_pred = (
-                    noise_uncond
-                    + guidance_scale * (noise_text - noise_image)
-                    + image_guidance_scale * (noise_image - noise_uncond)
-                )
-            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "image_latents": image_latents}
-                callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                latents = callback_outputs.pop("latents", latents)
+        # Progressive feature blending: the reference branch and its trajectory.
+        use_pfb = pfb is not None and pfb.enabled and edit_masks is not None
+        blender = None
+        if use_pfb:
+            latent_masks = resize_mask(edit_masks.to(device=device, dtype=torch.float32), latent_size).to(dtype)
+            reference = self.prepare_reference_latents(
+                source_image_latents, negative_prompt_embeds, pfb.reference, generator
+            )
+            blended_steps = round(pfb.latent_blend_fraction * len(self.scheduler.timesteps))
+            blender = FeatureBlender(
+                edit_masks.to(device=device, dtype=torch.float32),
+                num_branches,
+                mode="blend" if pfb_sequential else "batched",
+            ).attach(self.unet, pfb.blocks)
+
+        # Cross-attention masking and identity embeddings share one processor on every attn2 layer.
+        control = CrossAttentionControl(batch_size=batch_size, num_branches=num_branches, capture=capture_attention)
+        if cam is not None and cam.enabled and edit_masks is not None:
+            masks = edit_masks.to(device=device, dtype=torch.float32)
+            if cam.mode == "hard":
+                masks = (masks >= 0.5).float()
+            control.edit_masks = mask_pyramid(masks, *latent_size)
+            if cam.mode == "hard":
+                control.edit_masks = {n: (m >= 0.5).to(dtype) for n, m in control.edit_masks.items()}
+        negative_tokens = None
+        if identity_tokens is not None and identity_scale != 0.0:
+            if self.identity_adapter is None:
+                raise ValueError("identity tokens were given but the model has no identity adapter")
+            negative_tokens = self.identity_adapter.tokens(
+                torch.zeros(batch_size, self.identity_adapter.config.image_embed_dim, device=device, dtype=dtype)
+            )
+            rows = [identity_tokens.to(device=device, dtype=dtype)] + [negative_tokens] * (num_branches - 1)
+            control.identity_adapter = self.identity_adapter
+            if use_pfb and not pfb_sequential:
+                rows.append(negative_tokens)
+            control.identity_tokens = torch.cat(rows)
+            control.identity_scale = identity_scale
+            if identity_regions is not None:
+                control.identity_regions = mask_pyramid(identity_regions.to(device, torch.float32), *latent_size)
+        reference_conditioning = negative_prompt_embeds
+        previous_processors = None
+        if control.active or capture_attention:
+            previous_processors = self.unet.attn_processors
+            install_edit_processors(self.unet, control)
+
+        try:
+            for i, t in enumerate(self.scheduler.timesteps):
+                model_input = torch.cat([latents] * num_branches)
+                branch_image_latents, branch_conditioning = image_latents, conditioning
+                if use_pfb and not pfb_sequential:
+                    model_input = torch.cat([model_input, reference[i]])
+                    branch_image_latents = torch.cat([image_latents, source_image_latents])
+                    branch_conditioning = torch.cat([conditioning, reference_conditioning])
+                model_input = torch.cat([self.scheduler.scale_model_input(model_input, t), branch_image_latents], 1)
+                if use_pfb and pfb_sequential:
+                    blender.mode = "record"
+                    reference_input = torch.cat(
+                        [self.scheduler.scale_model_input(reference[i], t), source_image_latents], 1
+                    )
+                    with self._attention_paused(control, negative_tokens):
+                        self.unet(reference_input, t, encoder_hidden_states=reference_conditioning)
+                    blender.mode = "blend"
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=branch_conditioning, return_dict=False)[0]
+                noise_pred = noise_pred[: num_branches * batch_size]
+                if do_cfg:
+                    noise_text, noise_image, noise_uncond = noise_pred.chunk(3)
+                    noise_pred = (
+                        noise_uncond
+                        + guidance_scale * (noise_text - noise_image)
+                        + image_guidance_scale * (noise_image - noise_uncond)
+                    )
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if use_pfb and i < blended_steps:
+                    latents = latent_masks * latents + (1 - latent_masks) * reference[i + 1]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "image_latents": image_latents}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+        finally:
+            if blender is not None:
+                blender.detach()
+            if previous_processors is not None:
+                self.unet.set_attn_processor(previous_processors)
+        self.attention_records = control.records
+        self.reference_latents = reference if use_pfb else None
         return latents
+
+    @contextmanager
+    def _attention_paused(self, control: CrossAttentionControl, reference_tokens: torch.Tensor | None):
+        """Run the sequential reference call as the reference rows of the batched call would see it."""
+        saved = (control.edit_masks, control.identity_tokens, control.batch_size, control.num_branches)
+        control.edit_masks = None
+        control.identity_tokens = reference_tokens
+        control.num_branches = 1
+        capture, control.capture = control.capture, False
+        try:
+            yield
+        finally:
+            control.edit_masks, control.identity_tokens, control.batch_size, control.num_branches = saved
+            control.capture = capture
+
+    def prepare_reference_latents(
+        self,
+        image_latents: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        method: str,
+        generator: GeneratorInput,
+    ) -> list[torch.Tensor]:
+        """The reference branch's latent at each timestep (and the source latent last), by noise or inversion."""
+        source = image_latents * self.vae.config.scaling_factor
+        if method == "noise":
+            noise = randn_tensor(source.shape, generator=generator, device=source.device, dtype=source.dtype)
+            return noised_reference_latents(self.scheduler, source, noise)
+
+        def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
+            model_input = torch.cat([x, image_latents], dim=1)
+            return self.unet(model_input, t, encoder_hidden_states=negative_prompt_embeds, return_dict=False)[0]
+
+        return ddim_inverted_latents(self.scheduler, predict_noise, source)
 
     def prepare_extra_step_kwargs(self, generator: GeneratorInput, eta: float = 0.0) -> dict:
         """The keyword arguments the scheduler's ``step`` accepts (not all take ``eta`` or a generator)."""
@@ -248,12 +400,66 @@ class XMGIEPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
         """VAE-decode latents to PIL images at the working size."""
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type="pil")
 
     # ------------------------------------------------------------------ call
+
+    def item_masks(
+        self,
+        masks: list[PIL.Image.Image | None],
+        auto_masks: torch.Tensor | None,
+        sizes: list[tuple[int, int]],
+    ) -> list[PIL.Image.Image | None]:
+        """Each item's hard mask at ``sizes[i]``: the user's, else the automatic one (upsampled), else ``None``."""
+        result: list[PIL.Image.Image | None] = []
+        for row, (mask, size) in enumerate(zip(masks, sizes, strict=True)):
+            if mask is not None:
+                result.append(mask if mask.size == size else mask.resize(size, PIL.Image.Resampling.BILINEAR))
+            elif auto_masks is not None:
+                latent = (auto_masks[row, 0].float().cpu().numpy() * 255).astype("uint8")
+                result.append(PIL.Image.fromarray(latent, "L").resize(size, PIL.Image.Resampling.NEAREST))
+            else:
+                result.append(None)
+        return result
+
+    def soft_masks(self, masks: list[PIL.Image.Image], gb: GBOptions) -> torch.Tensor:
+        """(B, 1, H, W) masks in [0, 1]: Gaussian-blurred by distance to the boundary when GB is on."""
+        tensors = []
+        for mask in masks:
+            hard = mask_to_tensor(mask)[0].to(self._execution_device)
+            if gb.enabled:
+                hard = soften_mask((hard >= 0.5).float(), sigma_max=gb.sigma_max, sigma_s=gb.sigma_s)
+            tensors.append(hard)
+        return torch.stack(tensors)[:, None]
+
+    def encode_identity_tokens(
+        self,
+        images: list[PIL.Image.Image],
+        masks: list[PIL.Image.Image | None],
+        identity_images: list[PIL.Image.Image | None],
+        ie: IEOptions,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity tokens of each item's reference, and the source embeddings used for the identity score."""
+        references, regions = [], []
+        for image, mask, given in zip(images, masks, identity_images, strict=True):
+            if ie.reference == "image":
+                if given is None:
+                    raise EditInputError("missing_identity_image", "ie.reference is 'image' but no identity image")
+                references.append(given)
+                regions.append(None)
+            elif ie.reference == "outside_mask" and mask is not None:
+                references.append(image)
+                regions.append(PIL.Image.eval(mask.convert("L"), lambda v: 255 - v))
+            else:
+                references.append(image)
+                regions.append(None)
+        embeds = encode_identity(self.image_encoder, self.feature_extractor, references, regions)
+        embeds = embeds.to(device=self._execution_device, dtype=self.identity_adapter.dtype)
+        return self.identity_adapter.tokens(embeds), embeds
 
     @torch.no_grad()
     def __call__(
@@ -267,6 +473,12 @@ class XMGIEPipeline(DiffusionPipeline):
         generator: GeneratorInput = None,
         max_side: int = DEFAULT_MAX_SIDE,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        pfb: PFBOptions | bool = True,
+        cam: CAMOptions | bool = True,
+        ie: IEOptions | bool = True,
+        gb: GBOptions | bool = True,
+        auto_mask: AutoMaskOptions | bool = True,
+        identity_image: PIL.Image.Image | Sequence[PIL.Image.Image | None] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -277,11 +489,15 @@ class XMGIEPipeline(DiffusionPipeline):
         Args:
             image: RGB images of any size (load files with ``xmgie.editing.images.load_image``).
             instruction: one instruction per image.
-            mask: optional masks (mode ``L``, white = edit) at their image's size.
+            mask: optional masks (mode ``L``, white = edit) at their image's size; where an item has none and
+                ``auto_mask`` is on, a mask is estimated from the model and returned in the output.
             num_inference_steps, guidance_scale, image_guidance_scale: as in InstructPix2Pix.
             generator: one generator, or one per image so that each item's result depends on its seed only.
             max_side: the long side the model works at; results come back at each input's size.
             max_new_tokens: the MLLM's generation budget.
+            pfb, cam, ie, gb, auto_mask: the extensions' options (``True``/``False`` for defaults/off).
+                IE needs a model with an image encoder and an identity adapter; without them it is skipped.
+            identity_image: the identity reference per item when ``ie.reference`` is ``"image"``.
             output_type: ``"pil"`` or ``"latent"``.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step.
         """
@@ -291,6 +507,16 @@ class XMGIEPipeline(DiffusionPipeline):
         images, instructions, masks = self.check_inputs(
             image, instruction, mask, generator, callback_on_step_end_tensor_inputs
         )
+        pfb, cam, ie, gb, auto_mask = EditOptions(
+            pfb=pfb, cam=cam, ie=ie, gb=gb, auto_mask=auto_mask
+        ).extension_groups()
+        identity_images = (
+            list(identity_image) if isinstance(identity_image, list | tuple) else [identity_image] * len(images)
+        )
+        use_ie = (
+            ie.enabled and ie.scale != 0.0 and self.identity_adapter is not None and self.image_encoder is not None
+        )
+        wants_mask = pfb.enabled or cam.enabled or gb.enabled or (use_ie and ie.region is not None)
         timings: dict[str, float] = {}
         peak_memory: dict[str, int] = {}
 
@@ -306,15 +532,51 @@ class XMGIEPipeline(DiffusionPipeline):
             groups.setdefault(item.size, []).append(index)
 
         outputs: list = [None] * len(images)
+        used_masks: list[PIL.Image.Image | None] = [None] * len(images)
+        identity_scores: list[float | None] = [None] * len(images)
+        preservation: list[dict[str, float] | None] = [None] * len(images)
         for indices in groups.values():
             group_generator = [generator[i] for i in indices] if isinstance(generator, list) else generator
+            group_size = working[indices[0]].size
 
             # 4. Source-image latents
             with self._timed(timings, "vae_encode", peak_memory):
                 pixels = torch.cat([self.image_processor.preprocess(working[i]) for i in indices])
                 image_latents = self.prepare_image_latents(pixels)
 
-            # 5. Denoising loop
+            # 5. Masks: the user's, else estimated from the model; softened by GB
+            group_masks = [masks[i] for i in indices]
+            auto = None
+            if wants_mask and auto_mask.enabled and any(m is None for m in group_masks):
+                with self._timed(timings, "auto_mask", peak_memory):
+                    auto = estimate_edit_masks(
+                        self.unet,
+                        self.scheduler,
+                        image_latents,
+                        prompt_embeds[indices],
+                        negative_prompt_embeds[indices],
+                        latent_scale=self.vae.config.scaling_factor,
+                        generator=group_generator,
+                        draws=auto_mask.draws,
+                        strength=auto_mask.strength,
+                        threshold=auto_mask.threshold,
+                    )
+            working_masks = self.item_masks(group_masks, auto, [group_size] * len(indices))
+            have_masks = wants_mask and all(m is not None for m in working_masks)
+            edit_masks = self.soft_masks(working_masks, gb) if have_masks else None
+
+            # 6. Identity tokens
+            identity_tokens = identity_regions = source_embeds = None
+            if use_ie:
+                with self._timed(timings, "identity", peak_memory):
+                    identity_tokens, source_embeds = self.encode_identity_tokens(
+                        [working[i] for i in indices], working_masks, [identity_images[i] for i in indices], ie
+                    )
+                if ie.region is not None and have_masks:
+                    hard = torch.stack([mask_to_tensor(m) for m in working_masks]).to(self._execution_device)
+                    identity_regions = hard if ie.region == "inside_mask" else 1 - hard
+
+            # 7. Denoising loop
             with self._timed(timings, "diffusion", peak_memory):
                 latents = self.denoise(
                     image_latents,
@@ -326,9 +588,18 @@ class XMGIEPipeline(DiffusionPipeline):
                     generator=group_generator,
                     callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    edit_masks=edit_masks,
+                    pfb=pfb,
+                    cam=cam,
+                    identity_tokens=identity_tokens,
+                    identity_scale=ie.scale if use_ie else 0.0,
+                    identity_regions=identity_regions,
                 )
 
-            # 6. Post-process at each input's size
+            # 8. Post-process at each input's size; GB composites the edit onto the source
+            input_masks = self.item_masks([masks[i] for i in indices], auto, [images[i].size for i in indices])
+            for row, i in enumerate(indices):
+                used_masks[i] = input_masks[row] if have_masks or masks[i] is not None else None
             if output_type == "latent":
                 for row, i in enumerate(indices):
                     outputs[i] = latents[row]
@@ -339,11 +610,32 @@ class XMGIEPipeline(DiffusionPipeline):
                 result = decoded[row]
                 if result.size != images[i].size:
                     result = result.resize(images[i].size, PIL.Image.Resampling.LANCZOS)
+                if have_masks and gb.enabled:
+                    soft = self.soft_masks([input_masks[row]], gb)[0, 0]
+                    result = composite_images(result, images[i], soft.cpu())
                 outputs[i] = result
+                if used_masks[i] is not None:
+                    preservation[i] = preservation_outside(images[i], result, used_masks[i])
+            if use_ie:
+                with self._timed(timings, "identity", peak_memory):
+                    scores = identity_score(
+                        self.image_encoder,
+                        self.feature_extractor,
+                        [images[i] for i in indices],
+                        [outputs[i] for i in indices],
+                    )
+                for row, i in enumerate(indices):
+                    identity_scores[i] = scores[row]
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return outputs, expressive
         return XMGIEPipelineOutput(
-            images=outputs, expressive_instructions=expressive, masks=masks, timings=timings, peak_memory=peak_memory
+            images=outputs,
+            expressive_instructions=expressive,
+            masks=used_masks,
+            timings=timings,
+            peak_memory=peak_memory,
+            identity_scores=identity_scores,
+            preservation=preservation,
         )

@@ -25,10 +25,11 @@ from transformers import (
 )
 
 from xmgie.editing.edit_head import EditMapper
+from xmgie.editing.identity import build_tiny_identity_components
 from xmgie.editing.mllm import IMG_TOKENS, MLLM_SPECIAL_TOKENS
 from xmgie.editing.pipeline import XMGIEPipeline
 
-TINY_PRESET_VERSION = "tiny-v1"
+TINY_PRESET_VERSION = "tiny-v2"
 """Folder name of the preset in the cache; bump it whenever the preset's contents change."""
 
 TINY_SEED = 0
@@ -147,6 +148,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> XMGIEPipeline:
         size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     )
     scheduler = EulerAncestralDiscreteScheduler(**IP2P_SCHEDULER_CONFIG)
+    image_encoder, _, identity_adapter = build_tiny_identity_components(unet, seed=seed + 4)
     return XMGIEPipeline(
         mllm=mllm,
         tokenizer=tokenizer,
@@ -155,6 +157,8 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> XMGIEPipeline:
         unet=unet,
         vae=vae,
         scheduler=scheduler,
+        image_encoder=image_encoder,
+        identity_adapter=identity_adapter,
     )
 
 

@@ -1,0 +1,258 @@
+"""PFB, CAM, IE, GB and the automatic mask on the tiny preset: each shown by its effect."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import gradient_image
+from PIL import Image
+from scipy import ndimage
+
+from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
+from xmgie.editing.blur import DEFAULT_SIGMA_MAX, resize_mask
+from xmgie.editing.images import mask_to_tensor
+from xmgie.editing.masks import estimate_edit_masks, mask_pyramid
+from xmgie.editing.options import CAMOptions, PFBOptions
+from xmgie.editing.pipeline import XMGIEPipeline
+
+SIZE = (128, 96)
+OFF = {"pfb": False, "cam": False, "ie": False, "gb": False, "auto_mask": False}
+
+
+def box_mask(size=SIZE, box=(40, 24, 96, 72)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def conditioning(tiny_pipe):
+    """Image latents and edit/null conditioning of one item, as the pipeline makes them."""
+    image = gradient_image(*SIZE)
+    prompt, negative, _ = tiny_pipe.encode_instructions([image], ["put a red hat on it"], 96, {})
+    with torch.no_grad():
+        latents = tiny_pipe.prepare_image_latents(tiny_pipe.image_processor.preprocess(image))
+    return image, latents, prompt, negative
+
+
+def run(pipe, image, mask=None, seed=5, steps=4, **options):
+    return pipe(
+        image,
+        "put a red hat on it",
+        mask=mask,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        **options,
+    )
+
+
+def far_outside(mask: Image.Image, distance: float) -> np.ndarray:
+    outside = np.asarray(mask) < 128
+    return ndimage.distance_transform_edt(outside) > distance
+
+
+def test_all_switches_off_is_the_foundation_output_bit_for_bit(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    out = run(tiny_pipe, image, mask=box_mask(), **OFF)
+    with torch.no_grad():
+        plain = tiny_pipe.denoise(
+            latents, prompt, negative, num_inference_steps=4, generator=torch.Generator().manual_seed(5)
+        )
+    expected = tiny_pipe.decode_latents(plain)[0]
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(expected))
+    assert out.identity_scores == [None]
+
+
+def test_pfb_and_gb_keep_pixels_far_outside_the_mask_exactly(tiny_pipe):
+    image, mask = gradient_image(*SIZE), box_mask()
+    source = np.asarray(image)
+    far = far_outside(mask, 3 * DEFAULT_SIGMA_MAX)
+    inside = np.asarray(mask) > 128
+
+    edited = np.asarray(run(tiny_pipe, image, mask=mask, cam=False, ie=False).images[0])
+    assert np.array_equal(edited[far], source[far])
+    assert np.abs(edited[inside].astype(int) - source[inside]).mean() > 5
+
+    plain = np.asarray(run(tiny_pipe, image, mask=mask, **OFF).images[0])
+    assert np.abs(plain[far].astype(int) - source[far]).mean() > 5
+
+
+def test_latents_outside_the_mask_track_the_reference_during_blended_steps(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    edit_masks = mask_to_tensor(box_mask())[None]
+    steps, seen = 6, []
+
+    def record(pipe, step, timestep, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return {}
+
+    with torch.no_grad():
+        tiny_pipe.denoise(
+            latents,
+            prompt,
+            negative,
+            num_inference_steps=steps,
+            edit_masks=edit_masks,
+            pfb=PFBOptions(latent_blend_fraction=0.5),
+            generator=torch.Generator().manual_seed(1),
+            callback_on_step_end=record,
+        )
+    reference = tiny_pipe.reference_latents
+    outside = resize_mask(edit_masks, tuple(latents.shape[-2:])) == 0
+    outside = outside.expand_as(seen[0])
+    assert outside.any()
+    for step in range(steps // 2):
+        torch.testing.assert_close(seen[step][outside], reference[step + 1][outside], atol=0, rtol=0)
+    assert not torch.allclose(seen[-2][outside], reference[steps - 1][outside])
+
+
+@pytest.mark.parametrize("reference", ["noise", "inversion"])
+def test_pfb_in_one_batched_call_equals_a_separate_reference_call(tiny_pipe, conditioning, reference):
+    # In float64, so that what is compared is the algorithm, not float32 kernels that round differently
+    # for a batch of 3 rows than for a batch of 4.
+    image, latents, prompt, negative = conditioning
+    pipe = XMGIEPipeline(
+        **{
+            **tiny_pipe.components,
+            "unet": copy.deepcopy(tiny_pipe.unet).double(),
+            "identity_adapter": copy.deepcopy(tiny_pipe.identity_adapter).double(),
+        }
+    )
+    edit_masks = mask_to_tensor(box_mask())[None]
+    tokens = pipe.identity_adapter.tokens(torch.randn(1, 32, dtype=torch.float64))
+    results = {}
+    for sequential in (False, True):
+        results[sequential] = pipe.denoise(
+            latents,
+            prompt,
+            negative,
+            num_inference_steps=4,
+            edit_masks=edit_masks,
+            pfb=PFBOptions(reference=reference),
+            cam=CAMOptions(),
+            pfb_sequential=sequential,
+            identity_tokens=tokens,
+            identity_scale=0.5,
+            generator=torch.Generator().manual_seed(2),
+        )
+    assert (results[False] - results[True]).abs().max() <= 1e-4
+    unblended = pipe.denoise(
+        latents, prompt, negative, num_inference_steps=4, generator=torch.Generator().manual_seed(2)
+    )
+    assert not torch.allclose(unblended, results[False], atol=1e-3)
+
+
+def test_cam_hard_zeroes_attention_to_the_edit_conditioning_outside_the_mask(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    edit_masks = mask_to_tensor(box_mask())[None]
+    for enabled in (True, False):
+        with torch.no_grad():
+            tiny_pipe.denoise(
+                latents,
+                prompt,
+                negative,
+                num_inference_steps=2,
+                edit_masks=edit_masks,
+                cam=CAMOptions(enabled=enabled),
+                capture_attention=True,
+                generator=torch.Generator().manual_seed(0),
+            )
+        records = tiny_pipe.attention_records
+        assert len(records) == sum(1 for n in tiny_pipe.unet.attn_processors if n.endswith("attn2.processor"))
+        for name, calls in records.items():
+            for record in calls:
+                length = record.edit_probability.shape[2]
+                mask = mask_pyramid(edit_masks, *latents.shape[-2:])[length]
+                outside = (mask < 0.5)[:, None, :].expand(record.edit_probability.shape[:3])
+                mass = record.edit_probability.sum(-1)
+                if enabled:
+                    if outside.any():
+                        assert mass[outside].abs().max() == 0, name
+                    assert (mass[~outside] > 0.99).all(), name
+                else:
+                    assert (mass > 0.99).all(), name
+
+
+def test_identity_scale_zero_is_exactly_no_ie_and_nonzero_changes_the_output(tiny_pipe):
+    image, mask = gradient_image(*SIZE), box_mask()
+    base = {"mask": mask, "pfb": False, "cam": False, "gb": False}
+    without = np.asarray(run(tiny_pipe, image, ie=False, **base).images[0])
+    zero = run(tiny_pipe, image, ie={"scale": 0.0}, **base)
+    strong = run(tiny_pipe, image, ie={"scale": 2.0}, **base)
+    assert np.array_equal(np.asarray(zero.images[0]), without)
+    assert not np.array_equal(np.asarray(strong.images[0]), without)
+    assert -1.0 <= strong.identity_scores[0] <= 1.0
+
+
+def test_identity_branch_acts_only_inside_its_region(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    region = mask_to_tensor(box_mask())[None]
+    tokens = tiny_pipe.identity_adapter.tokens(torch.randn(1, 32))
+    with torch.no_grad():
+        tiny_pipe.denoise(
+            latents,
+            prompt,
+            negative,
+            num_inference_steps=2,
+            identity_tokens=tokens,
+            identity_scale=1.0,
+            identity_regions=region,
+            capture_attention=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+    records = tiny_pipe.attention_records
+    assert records
+    for name, calls in records.items():
+        for record in calls:
+            output = record.identity_output
+            region_flat = mask_pyramid(region, *latents.shape[-2:])[output.shape[1]]
+            outside = (region_flat == 0).repeat(output.shape[0] // region_flat.shape[0], 1)
+            inside = region_flat.repeat(output.shape[0] // region_flat.shape[0], 1) == 1
+            if outside.any():
+                assert output[outside].abs().max() == 0, name
+            if inside.any():
+                assert output[inside].abs().max() > 0, name
+
+
+def test_automatic_mask_finds_where_the_edit_conditioning_can_act(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    known = resize_mask(mask_to_tensor(box_mask())[None], tuple(latents.shape[-2:]))
+    known = (known >= 0.5).float()
+    draws = 8
+    # The controlled setting: hard cross-attention masking confines the edit conditioning to the known region.
+    control = CrossAttentionControl(
+        batch_size=draws, num_branches=2, edit_masks=mask_pyramid(known.repeat(draws, 1, 1, 1), *latents.shape[-2:])
+    )
+    previous = tiny_pipe.unet.attn_processors
+    install_edit_processors(tiny_pipe.unet, control)
+    try:
+        estimated = estimate_edit_masks(
+            tiny_pipe.unet,
+            tiny_pipe.scheduler,
+            latents,
+            prompt,
+            negative,
+            latent_scale=tiny_pipe.vae.config.scaling_factor,
+            draws=draws,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        tiny_pipe.unet.set_attn_processor(previous)
+    estimated, known = estimated[0, 0] > 0.5, known[0, 0] > 0.5
+    iou = (estimated & known).sum() / (estimated | known).sum()
+    assert iou >= 0.7, float(iou)
+
+
+def test_without_a_mask_the_automatic_mask_is_used_and_returned(tiny_pipe):
+    image = gradient_image(*SIZE)
+    out = run(tiny_pipe, image, ie=False)
+    mask = out.masks[0]
+    assert mask is not None and mask.size == image.size and mask.mode == "L"
+    values = np.asarray(mask)
+    assert set(np.unique(values)) <= {0, 255}
+    assert out.preservation[0] is not None
+    off = run(tiny_pipe, image, **OFF)
+    assert off.masks == [None] and off.preservation == [None]

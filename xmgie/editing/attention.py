@@ -1,0 +1,181 @@
+"""Cross-attention processors for cross-attention masking (CAM) and identity embeddings (IE).
+
+One processor class serves every ``attn2`` layer of the UNet. It reads a shared
+:class:`CrossAttentionControl` that the pipeline fills for each denoising call, so nothing is passed
+through ``cross_attention_kwargs``. The UNet batch is laid out in branches of ``batch_size`` rows:
+``[edit, image, uncond]`` with classifier-free guidance (``[edit]`` without), optionally followed by a
+``reference`` branch for feature blending. Only the edit branch carries the edit conditioning.
+
+- CAM: for rows of the edit branch, attention is computed against the edit conditioning and against the
+  null conditioning (the image branch's rows); image positions mix the two results by the mask,
+  ``m·attn(edit) + (1 − m)·attn(null)`` — equivalent to attention over the concatenated keys with the
+  edit keys' probabilities scaled by ``m`` — so outside a hard mask the probability of attending to the
+  edit conditioning is exactly zero.
+- IE: decoupled cross-attention (IP-Adapter): ``out += scale · region · attn(q, K_id, V_id)`` with keys
+  and values projected from the identity tokens by the adapter's per-layer projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+@dataclass
+class CrossAttentionControl:
+    """What the processors need for one denoising call; ``active`` False makes them plain attention.
+
+    Attributes:
+        batch_size: items in the call.
+        num_branches: guidance branches before the reference branch (3 with guidance, else 1).
+        edit_masks: per sequence length ``h·w``, the (B, h·w) edit mask at that resolution (CAM); ``None``
+            disables CAM.
+        identity_adapter: the adapter with per-layer identity projections; ``None`` disables IE.
+        identity_tokens: (rows, tokens, dim) identity tokens for every row of the UNet batch.
+        identity_scale: weight of the identity branch.
+        identity_regions: per sequence length, the (B, h·w) region where the identity branch acts, or ``None``.
+        capture: when set, each layer stores what tests and diagnostics inspect (see :class:`AttentionRecord`).
+    """
+
+    batch_size: int = 1
+    num_branches: int = 3
+    edit_masks: dict[int, torch.Tensor] | None = None
+    identity_adapter: torch.nn.Module | None = None
+    identity_tokens: torch.Tensor | None = None
+    identity_scale: float = 0.0
+    identity_regions: dict[int, torch.Tensor] | None = None
+    capture: bool = False
+    records: dict[str, list[AttentionRecord]] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.edit_masks is not None or (self.identity_adapter is not None and self.identity_scale != 0.0)
+
+
+@dataclass
+class AttentionRecord:
+    """One layer's captured attention for one call.
+
+    Attributes:
+        edit_probability: (B, heads, h·w, edit tokens) probability that edit-branch image positions attend
+            to each edit-conditioning token.
+        edit_mask: (B, h·w) the mask the layer used, or ``None``.
+        identity_output: (rows, h·w, dim) the identity branch's contribution, or ``None``.
+    """
+
+    edit_probability: torch.Tensor
+    edit_mask: torch.Tensor | None
+    identity_output: torch.Tensor | None
+
+
+def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, attn.heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+class EditCrossAttnProcessor:
+    """``attn2`` processor applying CAM and IE from a shared :class:`CrossAttentionControl`."""
+
+    def __init__(self, name: str, control: CrossAttentionControl) -> None:
+        self.name = name
+        self.control = control
+        self.plain = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        control = self.control
+        plain = not (control.active or control.capture)
+        if plain or encoder_hidden_states is None or hidden_states.ndim != 3 or attn.norm_cross:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None:
+            raise ValueError(f"{self.name}: attention masks and normalised attention are not supported with CAM/IE")
+
+        residual = hidden_states
+        length = hidden_states.shape[1]
+        rows = control.batch_size
+        query = _heads(attn, attn.to_q(hidden_states))
+        key = _heads(attn, attn.to_k(encoder_hidden_states))
+        value = _heads(attn, attn.to_v(encoder_hidden_states))
+        out = F.scaled_dot_product_attention(query, key, value)
+
+        record_probability = None
+        mask = None
+        if control.edit_masks is not None:
+            mask = control.edit_masks[length].to(query.dtype)
+            # Rows of the image branch hold the null conditioning that the edit branch's rows fall back to.
+            null_rows = slice(rows, 2 * rows) if control.num_branches > 1 else None
+            q_edit = query[:rows]
+            if null_rows is not None:
+                null_out = F.scaled_dot_product_attention(q_edit, key[null_rows], value[null_rows])
+            else:
+                null_out = torch.zeros_like(out[:rows])
+            weight = mask[:, None, :, None]
+            out = torch.cat([weight * out[:rows] + (1 - weight) * null_out, out[rows:]])
+            if control.capture:
+                probability = torch.softmax((q_edit @ key[:rows].transpose(-1, -2)) * attn.scale, dim=-1)
+                record_probability = weight * probability
+
+        identity_output = None
+        if control.identity_adapter is not None and control.identity_scale != 0.0:
+            tokens = control.identity_tokens.to(query.dtype)
+            id_key, id_value = control.identity_adapter.key_value(self.name, tokens)
+            identity = _merge_heads(
+                F.scaled_dot_product_attention(query, _heads(attn, id_key), _heads(attn, id_value))
+            )
+            if control.identity_regions is not None:
+                region = control.identity_regions[length].to(query.dtype)
+                repeats = identity.shape[0] // region.shape[0]
+                identity = identity * region.repeat(repeats, 1)[:, :, None]
+            identity_output = control.identity_scale * identity
+
+        out = _merge_heads(out)
+        if identity_output is not None:
+            out = out + identity_output
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+
+        if control.capture:
+            if record_probability is None:
+                record_probability = torch.softmax((query[:rows] @ key[:rows].transpose(-1, -2)) * attn.scale, dim=-1)
+            control.records.setdefault(self.name, []).append(
+                AttentionRecord(
+                    record_probability.detach(),
+                    None if mask is None else mask.detach(),
+                    None if identity_output is None else identity_output.detach(),
+                )
+            )
+        return out
+
+
+def cross_attention_names(unet) -> list[str]:
+    """Processor names of the UNet's cross-attention (``attn2``) layers, in the UNet's order."""
+    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+def install_edit_processors(unet, control: CrossAttentionControl) -> None:
+    """Put an :class:`EditCrossAttnProcessor` on every ``attn2`` layer; self-attention stays as it is."""
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        if name.endswith("attn2.processor"):
+            processors[name] = EditCrossAttnProcessor(name, control)
+        else:
+            processors[name] = processor
+    unet.set_attn_processor(processors)
