@@ -10,6 +10,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -44,3 +45,22 @@ def gradient_image(width: int = 64, height: int = 64, phase: float = 0.0) -> Ima
     g = 0.5 + 0.5 * np.cos(y / max(height, 1) * 5.0 - phase)
     b = (x + y) / (width + height)
     return Image.fromarray((np.stack([r, g, b], axis=-1) * 255).round().astype(np.uint8), "RGB")
+
+
+def synthetic_release(unet, image_embed_dim: int = 20, num_tokens: int = 4) -> dict:
+    """Random weights in ``ip-adapter_sd15.bin``'s nested layout, numbered over all attention processors."""
+    generator = torch.Generator().manual_seed(1)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(num_tokens * cross, image_embed_dim, generator=generator),
+        "proj.bias": torch.randn(num_tokens * cross, generator=generator),
+        "norm.weight": torch.randn(cross, generator=generator),
+        "norm.bias": torch.randn(cross, generator=generator),
+    }
+    ip_adapter = {}
+    for index, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            ip_adapter[f"{index}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=generator)
+            ip_adapter[f"{index}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=generator)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

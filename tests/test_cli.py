@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -39,17 +41,67 @@ def test_edit_writes_an_image_at_the_inputs_size(tmp_path, tiny_dir, model_cache
         "4",
         "--output",
         str(output),
+        "--save-mask",
+        str(tmp_path / "mask.png"),
         "--device",
         "cpu",
         cache_dir=model_cache,
     )
     assert result.returncode == 0, result.stderr
     assert Image.open(output).size == Image.open(EXAMPLES / "chelsea.png").size
+    # The user's mask is what was used, and far outside it the photo is untouched.
+    used = np.asarray(Image.open(tmp_path / "mask.png"))
+    assert np.array_equal(used, np.asarray(Image.open(EXAMPLES / "chelsea_mask.png").convert("L")))
+    far = ndimage.distance_transform_edt(used < 128) > 15
+    assert np.array_equal(np.asarray(Image.open(output))[far], np.asarray(Image.open(EXAMPLES / "chelsea.png"))[far])
     assert "expressive instruction:" in result.stdout
     assert "seed: 4" in result.stdout
     for stage in ("mllm", "edit_head", "diffusion", "vae_decode"):
         assert stage in result.stdout
     assert result.stderr == ""
+
+
+def test_edit_without_a_mask_writes_the_automatic_mask_and_switches_work(tmp_path, model_cache):
+    common = [
+        "edit",
+        str(EXAMPLES / "coffee.png"),
+        "--instruction",
+        "add steam above the cup",
+        "--steps",
+        "2",
+        "--max-side",
+        "64",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    result = xmgie(
+        *common, "--output", str(tmp_path / "a.png"), "--save-mask", str(tmp_path / "mask.png"), cache_dir=model_cache
+    )
+    assert result.returncode == 0, result.stderr
+    mask = Image.open(tmp_path / "mask.png")
+    assert mask.size == Image.open(EXAMPLES / "coffee.png").size and mask.mode == "L"
+    assert "(automatic)" in result.stdout and "identity score:" in result.stdout
+    assert "preservation outside the mask: PSNR" in result.stdout
+
+    result = xmgie(
+        *common,
+        "--no-pfb",
+        "--no-cam",
+        "--no-ie",
+        "--no-gb",
+        "--no-auto-mask",
+        "--output",
+        str(tmp_path / "b.png"),
+        "--save-mask",
+        str(tmp_path / "none.png"),
+        cache_dir=model_cache,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no mask was used" in result.stdout and "identity score" not in result.stdout
+    assert not (tmp_path / "none.png").exists()
+    assert Image.open(tmp_path / "a.png").tobytes() != Image.open(tmp_path / "b.png").tobytes()
 
 
 def test_edit_reports_bad_input_with_its_code(tmp_path, model_cache):

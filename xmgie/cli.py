@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_SIDE,
         DEFAULT_STEPS,
     )
+    from xmgie.metrics import add_eval_arguments
 
     parser = argparse.ArgumentParser(prog="xmgie", description="MLLM-guided image editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     edit.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE)
     edit.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side the model works at")
+    edit.add_argument("--save-mask", type=Path, help="write the mask used (the user's or the automatic one) here")
+    extensions = edit.add_argument_group("extensions")
+    for name, what in (
+        ("pfb", "progressive feature blending"),
+        ("cam", "cross-attention masking"),
+        ("ie", "identity embeddings"),
+        ("gb", "Gaussian blurring and the final composite"),
+        ("auto-mask", "the automatic mask when no --mask is given"),
+    ):
+        extensions.add_argument(f"--no-{name}", action="store_true", help=f"switch off {what}")
+    extensions.add_argument("--pfb-fraction", type=float, default=0.5, help="leading fraction of latent blending")
+    extensions.add_argument("--pfb-reference", choices=["noise", "inversion"], default="noise")
+    extensions.add_argument("--cam-mode", choices=["hard", "soft"], default="hard")
+    extensions.add_argument("--ie-scale", type=float, default=0.3)
+    extensions.add_argument("--ie-reference", choices=["source", "outside_mask", "image"], default="source")
+    extensions.add_argument("--identity-image", type=Path, help="identity reference for --ie-reference image")
+    extensions.add_argument("--ie-region", choices=["outside_mask", "inside_mask"], help="where IE acts")
+    extensions.add_argument("--sigma-max", type=float, default=5.0, help="GB: blur at the mask boundary (px)")
+    extensions.add_argument("--sigma-s", type=float, default=10.0, help="GB: fall-off of the blur with distance")
     _add_runtime_arguments(edit)
+
+    evaluate = commands.add_parser("eval", help="editing metrics (L1, L2, CLIP-I, CLIP-T, DINO) over folders")
+    add_eval_arguments(evaluate)
 
     model = commands.add_parser("model", help="model directory tools")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -73,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--unet", type=Path, required=True, help="MGIE's unet.pt")
     convert.add_argument("--ip2p", type=Path, required=True, help="timbrooks/instruct-pix2pix directory")
     convert.add_argument("--output", type=Path, required=True, help="model directory to write")
+    convert.add_argument("--ip-adapter", type=Path, help="IP-Adapter SD 1.5 weights, for identity embeddings")
+    convert.add_argument("--image-encoder", type=Path, help="IP-Adapter's image encoder directory")
     convert.add_argument("--dtype", default="float16", choices=list(DTYPES))
     return parser
 
@@ -104,9 +129,20 @@ def run_edit(args: argparse.Namespace) -> int:
         image_guidance_scale=args.image_guidance_scale,
         seed=seed,
         max_side=args.max_side,
+        pfb={"enabled": not args.no_pfb, "latent_blend_fraction": args.pfb_fraction, "reference": args.pfb_reference},
+        cam={"enabled": not args.no_cam, "mode": args.cam_mode},
+        ie={
+            "enabled": not args.no_ie,
+            "scale": args.ie_scale,
+            "reference": args.ie_reference,
+            "region": args.ie_region,
+        },
+        gb={"enabled": not args.no_gb, "sigma_max": args.sigma_max, "sigma_s": args.sigma_s},
+        auto_mask=not args.no_auto_mask,
     )
     image = load_image(args.image)
     mask = load_mask(args.mask, image.size) if args.mask else None
+    identity_image = load_image(args.identity_image) if args.identity_image else None
     instruction = check_instruction(args.instruction)
     if args.output.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
         raise ValueError(f"--output must end in .png, .jpg, .jpeg or .webp, got {args.output.name!r}")
@@ -122,6 +158,12 @@ def run_edit(args: argparse.Namespace) -> int:
         guidance_scale=options.guidance_scale,
         image_guidance_scale=options.image_guidance_scale,
         max_side=options.max_side,
+        pfb=options.pfb,
+        cam=options.cam,
+        ie=options.ie,
+        gb=options.gb,
+        auto_mask=options.auto_mask,
+        identity_image=identity_image,
         generator=torch.Generator().manual_seed(seed),
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +177,18 @@ def run_edit(args: argparse.Namespace) -> int:
             [f"load {load_seconds:.2f}"] + [f"{stage} {seconds:.2f}" for stage, seconds in out.timings.items()]
         )
     )
+    if args.save_mask:
+        if out.masks[0] is None:
+            print("no mask was used (no --mask, and the automatic mask is off or nothing needed it)")
+        else:
+            args.save_mask.parent.mkdir(parents=True, exist_ok=True)
+            out.masks[0].save(args.save_mask)
+            print(f"wrote mask {args.save_mask}" + ("" if mask is not None else " (automatic)"))
+    if out.identity_scores[0] is not None:
+        print(f"identity score: {out.identity_scores[0]:.4f}")
+    if out.preservation[0] is not None:
+        kept = out.preservation[0]
+        print(f"preservation outside the mask: PSNR {kept['psnr']:.2f} dB, L1 {kept['l1']:.4f}")
     return 0
 
 
@@ -160,6 +214,8 @@ def run_model(args: argparse.Namespace) -> int:
             ip2p_dir=args.ip2p,
             output_dir=args.output,
             dtype=_torch_dtype(args.dtype),
+            ip_adapter=args.ip_adapter,
+            image_encoder_dir=args.image_encoder,
         )
         print(f"wrote {path}")
     return 0
@@ -190,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "edit":
             return run_edit(args)
+        if args.command == "eval":
+            from xmgie.metrics import run_eval
+
+            return run_eval(args)
         return run_model(args)
     except EditInputError as error:
         print(f"error: {error.code}: {error.message}", file=sys.stderr)

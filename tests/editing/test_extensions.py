@@ -256,3 +256,20 @@ def test_without_a_mask_the_automatic_mask_is_used_and_returned(tiny_pipe):
     assert out.preservation[0] is not None
     off = run(tiny_pipe, image, **OFF)
     assert off.masks == [None] and off.preservation == [None]
+
+
+def test_an_item_without_a_mask_does_not_switch_off_its_neighbours_extensions(tiny_pipe):
+    images = [gradient_image(*SIZE, 0.0), gradient_image(*SIZE, 2.0)]
+    out = tiny_pipe(
+        images,
+        ["add a hat", "add a hat"],
+        mask=[box_mask(), None],
+        num_inference_steps=3,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+        auto_mask=False,
+        ie=False,
+    )
+    far = far_outside(box_mask(), 3 * DEFAULT_SIGMA_MAX)
+    assert np.array_equal(np.asarray(out.images[0])[far], np.asarray(images[0])[far])
+    assert out.masks[1] is None and out.preservation[1] is None
+    assert out.preservation[0] is not None

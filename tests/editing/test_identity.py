@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gradient_image
+from conftest import gradient_image, synthetic_release
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
@@ -43,25 +43,6 @@ def components(unet):
 
 def attn2_names(unet) -> list[str]:
     return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
-
-
-def synthetic_release(unet, image_embed_dim: int = 20, num_tokens: int = 4) -> dict:
-    """Random weights in ``ip-adapter_sd15.bin``'s nested layout, numbered over all attention processors."""
-    generator = torch.Generator().manual_seed(1)
-    cross = unet.config.cross_attention_dim
-    image_proj = {
-        "proj.weight": torch.randn(num_tokens * cross, image_embed_dim, generator=generator),
-        "proj.bias": torch.randn(num_tokens * cross, generator=generator),
-        "norm.weight": torch.randn(cross, generator=generator),
-        "norm.bias": torch.randn(cross, generator=generator),
-    }
-    ip_adapter = {}
-    for index, name in enumerate(unet.attn_processors):
-        if name.endswith("attn2.processor"):
-            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
-            ip_adapter[f"{index}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=generator)
-            ip_adapter[f"{index}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=generator)
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
 def test_adapter_has_one_projection_pair_per_cross_attention_layer(unet):

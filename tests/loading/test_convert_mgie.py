@@ -486,3 +486,34 @@ def test_nonempty_output_dir_is_refused(release: Release, tmp_path: Path) -> Non
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         convert_mgie(**release.inputs(output_dir=tmp_path / "out"))
+
+
+def test_ip_adapter_weights_are_converted_for_identity_embeddings(release: Release, pipe, tmp_path: Path) -> None:
+    from conftest import synthetic_release
+
+    from xmgie.editing.identity import build_tiny_identity_components
+
+    encoder, _, _ = build_tiny_identity_components(pipe.unet)
+    encoder.save_pretrained(tmp_path / "image_encoder")
+    weights = synthetic_release(pipe.unet, image_embed_dim=encoder.config.projection_dim)
+    torch.save(weights, tmp_path / "ip-adapter_sd15.bin")
+    out = convert_mgie(
+        **release.inputs(output_dir=tmp_path / "out"),
+        dtype=torch.float32,
+        ip_adapter=tmp_path / "ip-adapter_sd15.bin",
+        image_encoder_dir=tmp_path / "image_encoder",
+    )
+    converted = load_pipeline(out, cache_dir=tmp_path / "cache", device="cpu", dtype=torch.float32)
+    adapter = converted.identity_adapter
+    assert _equal(adapter.image_proj.proj.weight, weights["image_proj"]["proj.weight"])
+    first_attn2 = next(i for i, n in enumerate(pipe.unet.attn_processors) if n.endswith("attn2.processor"))
+    assert _equal(adapter.layers[0].to_k_ip.weight, weights["ip_adapter"][f"{first_attn2}.to_k_ip.weight"])
+    result = converted(
+        Image.new("RGB", (64, 64), (40, 120, 200)),
+        "make it red",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.identity_scores[0] is not None
+    with pytest.raises(ValueError, match="go together"):
+        convert_mgie(**release.inputs(output_dir=tmp_path / "o2"), ip_adapter=tmp_path / "ip-adapter_sd15.bin")

@@ -562,7 +562,9 @@ class XMGIEPipeline(DiffusionPipeline):
                         threshold=auto_mask.threshold,
                     )
             working_masks = self.item_masks(group_masks, auto, [group_size] * len(indices))
-            have_masks = wants_mask and all(m is not None for m in working_masks)
+            have_masks = wants_mask and any(m is not None for m in working_masks)
+            # An item without a mask in a group with masks is edited everywhere (a full mask changes nothing).
+            working_masks = [m if m is not None else PIL.Image.new("L", group_size, 255) for m in working_masks]
             edit_masks = self.soft_masks(working_masks, gb) if have_masks else None
 
             # 6. Identity tokens
@@ -599,7 +601,7 @@ class XMGIEPipeline(DiffusionPipeline):
             # 8. Post-process at each input's size; GB composites the edit onto the source
             input_masks = self.item_masks([masks[i] for i in indices], auto, [images[i].size for i in indices])
             for row, i in enumerate(indices):
-                used_masks[i] = input_masks[row] if have_masks or masks[i] is not None else None
+                used_masks[i] = input_masks[row] if have_masks else None
             if output_type == "latent":
                 for row, i in enumerate(indices):
                     outputs[i] = latents[row]
@@ -610,7 +612,7 @@ class XMGIEPipeline(DiffusionPipeline):
                 result = decoded[row]
                 if result.size != images[i].size:
                     result = result.resize(images[i].size, PIL.Image.Resampling.LANCZOS)
-                if have_masks and gb.enabled:
+                if have_masks and gb.enabled and input_masks[row] is not None:
                     soft = self.soft_masks([input_masks[row]], gb)[0, 0]
                     result = composite_images(result, images[i], soft.cpu())
                 outputs[i] = result

@@ -402,6 +402,8 @@ def convert_mgie(
     output_dir: PathLike,
     dtype: torch.dtype = torch.float16,
     edit_head_heads: int = MGIE_EDIT_HEAD_HEADS,
+    ip_adapter: PathLike | None = None,
+    image_encoder_dir: PathLike | None = None,
 ) -> Path:
     """Convert MGIE's release (LLaVA-7B v1, CLIP, ``mllm.pt``, ``unet.pt``, InstructPix2Pix) to a model directory.
 
@@ -416,6 +418,9 @@ def convert_mgie(
         output_dir: where to write the model directory; must not exist or be empty.
         dtype: the dtype the weights are stored in.
         edit_head_heads: attention heads of the edit head (MGIE: 4).
+        ip_adapter: IP-Adapter SD 1.5 weights (``ip-adapter_sd15.bin`` or ``.safetensors``) for identity
+            embeddings; needs ``image_encoder_dir``. Without them the model edits without IE.
+        image_encoder_dir: IP-Adapter's image encoder (``CLIPVisionModelWithProjection`` directory).
 
     Returns:
         ``output_dir`` as a ``Path``; it loads with ``xmgie.loading.directory.load_pipeline``.
@@ -425,6 +430,8 @@ def convert_mgie(
         ValueError: an input does not have the expected keys, shapes or sizes.
         FileExistsError: ``output_dir`` exists and is not empty.
     """
+    if (ip_adapter is None) != (image_encoder_dir is None):
+        raise ValueError("ip_adapter and image_encoder_dir go together: pass both or neither")
     llava_dir, clip_dir, ip2p_dir = Path(llava_dir), Path(clip_dir), Path(ip2p_dir)
     mllm_ckpt, unet_ckpt, output_dir = Path(mllm_ckpt), Path(unet_ckpt), Path(output_dir)
 
@@ -550,7 +557,21 @@ def convert_mgie(
 
     vae = AutoencoderKL.from_pretrained(ip2p_dir, subfolder="vae", torch_dtype=dtype).eval()
 
+    identity: dict = {}
+    if ip_adapter is not None:
+        from transformers import CLIPVisionModelWithProjection
+
+        from xmgie.loading.convert_ip_adapter import load_ip_adapter
+
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            _require_dir(Path(image_encoder_dir), "image encoder directory"), local_files_only=True, dtype=dtype
+        )
+        adapter = load_ip_adapter(
+            _require_file(Path(ip_adapter), "IP-Adapter weights"), unet, image_embed_dim=encoder.config.projection_dim
+        )
+        identity = {"image_encoder": encoder, "identity_adapter": adapter.to(dtype)}
     pipe = XMGIEPipeline(
+        **identity,
         mllm=mllm,
         tokenizer=tokenizer,
         feature_extractor=_feature_extractor(clip_dir, vision_config.image_size),
