@@ -273,3 +273,63 @@ def test_an_item_without_a_mask_does_not_switch_off_its_neighbours_extensions(ti
     assert np.array_equal(np.asarray(out.images[0])[far], np.asarray(images[0])[far])
     assert out.masks[1] is None and out.preservation[1] is None
     assert out.preservation[0] is not None
+
+
+def test_cam_restricts_token_ranges_of_a_clip_text_prompt(tiny_pipe):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from xmgie.editing.attention import text_cross_attention_masking
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        )
+    ).eval()
+    with torch.no_grad():
+        prompt = text_encoder(torch.arange(77)[None] % 99).last_hidden_state
+        negative = text_encoder(torch.zeros(1, 77, dtype=torch.long)).last_hidden_state
+    ip2p = StableDiffusionInstructPix2PixPipeline(
+        vae=tiny_pipe.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=tiny_pipe.unet,
+        scheduler=tiny_pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    image = gradient_image(*SIZE)
+    masks = mask_to_tensor(box_mask())[None]
+    latent_size = (SIZE[1] // 8, SIZE[0] // 8)
+    with text_cross_attention_masking(
+        ip2p, masks, latent_size, token_ranges=[(1, 4, "inside"), (4, 6, "outside")], mode=None, capture=True
+    ) as control:
+        ip2p(
+            image=image,
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
+    assert len(control.records) == 10
+    for name, calls in control.records.items():
+        for record in calls:
+            probability = record.edit_probability[0]  # (heads, positions, tokens)
+            inside = mask_pyramid((masks >= 0.5).float(), *latent_size)[probability.shape[1]][0] >= 0.5
+            if (~inside).any():
+                assert probability[:, ~inside, 1:4].abs().max() == 0, name
+                assert probability[:, ~inside, 4:6].min() > 0, name
+            if inside.any():
+                assert probability[:, inside, 4:6].abs().max() == 0, name
+                assert probability[:, inside, 1:4].min() > 0, name
+            assert probability[:, :, 6:].min() > 0, name
+    # The processors are removed on leaving the block.
+    assert not any(type(p).__name__ == "EditCrossAttnProcessor" for p in tiny_pipe.unet.attn_processors.values())

@@ -17,6 +17,7 @@ through ``cross_attention_kwargs``. The UNet batch is laid out in branches of ``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,9 @@ class CrossAttentionControl:
         identity_tokens: (rows, tokens, dim) identity tokens for every row of the UNet batch.
         identity_scale: weight of the identity branch.
         identity_regions: per sequence length, the (B, h·w) region where the identity branch acts, or ``None``.
+        token_ranges: ``(start, stop, "inside" | "outside")`` ranges of conditioning tokens that edit-branch
+            image positions may attend to only inside (or only outside) the mask in ``token_masks`` (per
+            sequence length, (B, h·w)) — for per-word control with CLIP-text conditioning.
         capture: when set, each layer stores what tests and diagnostics inspect (see :class:`AttentionRecord`).
     """
 
@@ -47,12 +51,18 @@ class CrossAttentionControl:
     identity_tokens: torch.Tensor | None = None
     identity_scale: float = 0.0
     identity_regions: dict[int, torch.Tensor] | None = None
+    token_ranges: list[tuple[int, int, str]] | None = None
+    token_masks: dict[int, torch.Tensor] | None = None
     capture: bool = False
     records: dict[str, list[AttentionRecord]] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
-        return self.edit_masks is not None or (self.identity_adapter is not None and self.identity_scale != 0.0)
+        return (
+            self.edit_masks is not None
+            or bool(self.token_ranges)
+            or (self.identity_adapter is not None and self.identity_scale != 0.0)
+        )
 
 
 @dataclass
@@ -114,10 +124,22 @@ class EditCrossAttnProcessor:
         value = _heads(attn, attn.to_v(encoder_hidden_states))
         out = F.scaled_dot_product_attention(query, key, value)
 
+        edit_probability = None
+        if control.token_ranges:
+            # Restricted token ranges: their logits are -inf at image positions on the wrong side of the mask.
+            inside = control.token_masks[length].to(query.device) >= 0.5
+            allowed = torch.ones(rows, 1, length, key.shape[2], dtype=torch.bool, device=query.device)
+            for start, stop, where in control.token_ranges:
+                place = inside if where == "inside" else ~inside
+                allowed[..., start:stop] = place[:, None, :, None]
+            logits = (query[:rows] @ key[:rows].transpose(-1, -2)) * attn.scale
+            edit_probability = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+            out = torch.cat([edit_probability @ value[:rows], out[rows:]])
+
         record_probability = None
         mask = None
         if control.edit_masks is not None:
-            mask = control.edit_masks[length].to(query.dtype)
+            mask = control.edit_masks[length].to(query.device, query.dtype)
             # Rows of the image branch hold the null conditioning that the edit branch's rows fall back to.
             null_rows = slice(rows, 2 * rows) if control.num_branches > 1 else None
             q_edit = query[:rows]
@@ -128,8 +150,9 @@ class EditCrossAttnProcessor:
             weight = mask[:, None, :, None]
             out = torch.cat([weight * out[:rows] + (1 - weight) * null_out, out[rows:]])
             if control.capture:
-                probability = torch.softmax((q_edit @ key[:rows].transpose(-1, -2)) * attn.scale, dim=-1)
-                record_probability = weight * probability
+                if edit_probability is None:
+                    edit_probability = torch.softmax((q_edit @ key[:rows].transpose(-1, -2)) * attn.scale, dim=-1)
+                record_probability = weight * edit_probability
 
         identity_output = None
         if control.identity_adapter is not None and control.identity_scale != 0.0:
@@ -139,7 +162,7 @@ class EditCrossAttnProcessor:
                 F.scaled_dot_product_attention(query, _heads(attn, id_key), _heads(attn, id_value))
             )
             if control.identity_regions is not None:
-                region = control.identity_regions[length].to(query.dtype)
+                region = control.identity_regions[length].to(query.device, query.dtype)
                 repeats = identity.shape[0] // region.shape[0]
                 identity = identity * region.repeat(repeats, 1)[:, :, None]
             identity_output = control.identity_scale * identity
@@ -154,6 +177,8 @@ class EditCrossAttnProcessor:
 
         if control.capture:
             if record_probability is None:
+                record_probability = edit_probability
+            if record_probability is None:
                 record_probability = torch.softmax((query[:rows] @ key[:rows].transpose(-1, -2)) * attn.scale, dim=-1)
             control.records.setdefault(self.name, []).append(
                 AttentionRecord(
@@ -163,6 +188,41 @@ class EditCrossAttnProcessor:
                 )
             )
         return out
+
+
+@contextmanager
+def text_cross_attention_masking(
+    pipe,
+    masks: torch.Tensor,
+    latent_size: tuple[int, int],
+    *,
+    token_ranges: list[tuple[int, int, str]] | None = None,
+    mode: str | None = "hard",
+    capture: bool = False,
+):
+    """CAM for a plain InstructPix2Pix pipeline with a CLIP text encoder (diffusers' layout of the batch).
+
+    Inside the block, ``pipe``'s UNet masks the edit prompt's cross-attention by ``masks`` (B, 1, H, W)
+    (``mode`` ``hard``/``soft``; ``None`` leaves whole-prompt masking off) and restricts ``token_ranges``
+    of the prompt's tokens (indices into the tokenizer's output, BOS at 0) to inside or outside the mask.
+    Yields the :class:`CrossAttentionControl`, whose ``records`` hold captured attention when ``capture``.
+    """
+    from xmgie.editing.masks import mask_pyramid
+
+    masks = masks.float()
+    control = CrossAttentionControl(batch_size=masks.shape[0], num_branches=3, capture=capture)
+    if mode is not None:
+        soft = masks if mode == "soft" else (masks >= 0.5).float()
+        control.edit_masks = mask_pyramid(soft, *latent_size)
+    if token_ranges:
+        control.token_ranges = list(token_ranges)
+        control.token_masks = mask_pyramid((masks >= 0.5).float(), *latent_size)
+    previous = pipe.unet.attn_processors
+    install_edit_processors(pipe.unet, control)
+    try:
+        yield control
+    finally:
+        pipe.unet.set_attn_processor(previous)
 
 
 def cross_attention_names(unet) -> list[str]:
