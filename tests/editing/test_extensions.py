@@ -333,3 +333,22 @@ def test_cam_restricts_token_ranges_of_a_clip_text_prompt(tiny_pipe):
             assert probability[:, :, 6:].min() > 0, name
     # The processors are removed on leaving the block.
     assert not any(type(p).__name__ == "EditCrossAttnProcessor" for p in tiny_pipe.unet.attn_processors.values())
+
+
+def test_identity_reference_image_is_used_and_required(tiny_pipe):
+    from xmgie.editing.errors import EditInputError
+
+    image, mask = gradient_image(*SIZE), box_mask()
+    base = {"mask": mask, "pfb": False, "cam": False, "gb": False}
+    with pytest.raises(EditInputError) as error:
+        run(tiny_pipe, image, ie={"reference": "image", "scale": 1.0}, **base)
+    assert error.value.code == "missing_identity_image"
+    own = np.asarray(run(tiny_pipe, image, ie={"scale": 1.0}, **base).images[0])
+    other = run(
+        tiny_pipe,
+        image,
+        ie={"reference": "image", "scale": 1.0},
+        identity_image=Image.new("RGB", (40, 40), (250, 10, 10)),
+        **base,
+    )
+    assert not np.array_equal(np.asarray(other.images[0]), own)

@@ -442,13 +442,11 @@ class XMGIEPipeline(DiffusionPipeline):
         masks: list[PIL.Image.Image | None],
         identity_images: list[PIL.Image.Image | None],
         ie: IEOptions,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Identity tokens of each item's reference, and the source embeddings used for the identity score."""
+    ) -> torch.Tensor:
+        """Identity tokens (B, tokens, dim) of each item's identity reference."""
         references, regions = [], []
         for image, mask, given in zip(images, masks, identity_images, strict=True):
             if ie.reference == "image":
-                if given is None:
-                    raise EditInputError("missing_identity_image", "ie.reference is 'image' but no identity image")
                 references.append(given)
                 regions.append(None)
             elif ie.reference == "outside_mask" and mask is not None:
@@ -459,7 +457,7 @@ class XMGIEPipeline(DiffusionPipeline):
                 regions.append(None)
         embeds = encode_identity(self.image_encoder, self.feature_extractor, references, regions)
         embeds = embeds.to(device=self._execution_device, dtype=self.identity_adapter.dtype)
-        return self.identity_adapter.tokens(embeds), embeds
+        return self.identity_adapter.tokens(embeds)
 
     @torch.no_grad()
     def __call__(
@@ -516,6 +514,8 @@ class XMGIEPipeline(DiffusionPipeline):
         use_ie = (
             ie.enabled and ie.scale != 0.0 and self.identity_adapter is not None and self.image_encoder is not None
         )
+        if use_ie and ie.reference == "image" and any(given is None for given in identity_images):
+            raise EditInputError("missing_identity_image", "ie.reference is 'image' but an item has no identity image")
         wants_mask = pfb.enabled or cam.enabled or gb.enabled or (use_ie and ie.region is not None)
         timings: dict[str, float] = {}
         peak_memory: dict[str, int] = {}
@@ -568,10 +568,10 @@ class XMGIEPipeline(DiffusionPipeline):
             edit_masks = self.soft_masks(working_masks, gb) if have_masks else None
 
             # 6. Identity tokens
-            identity_tokens = identity_regions = source_embeds = None
+            identity_tokens = identity_regions = None
             if use_ie:
                 with self._timed(timings, "identity", peak_memory):
-                    identity_tokens, source_embeds = self.encode_identity_tokens(
+                    identity_tokens = self.encode_identity_tokens(
                         [working[i] for i in indices], working_masks, [identity_images[i] for i in indices], ie
                     )
                 if ie.region is not None and have_masks:
