@@ -156,7 +156,8 @@ class EditCrossAttnProcessor:
 
         identity_output = None
         if control.identity_adapter is not None and control.identity_scale != 0.0:
-            tokens = control.identity_tokens.to(query.dtype)
+            # Rows are the leading ones when the reference rows were dropped after the last blended block.
+            tokens = control.identity_tokens[: query.shape[0]].to(query.dtype)
             id_key, id_value = control.identity_adapter.key_value(self.name, tokens)
             identity = _merge_heads(
                 F.scaled_dot_product_attention(query, _heads(attn, id_key), _heads(attn, id_value))

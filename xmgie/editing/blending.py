@@ -38,6 +38,8 @@ class FeatureBlender:
     recorded: dict[str, torch.Tensor] = field(default_factory=dict)
     _resized: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
+    _last_block: str | None = None
+    _rows: int = 0
 
     def mask_at(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
         key = (height, width)
@@ -46,13 +48,42 @@ class FeatureBlender:
         return self._resized[key].to(device=like.device, dtype=like.dtype)
 
     def attach(self, unet, blocks: Sequence[str]) -> FeatureBlender:
-        """Register the hooks on ``blocks`` (module names such as ``mid_block`` or ``up_blocks.1``)."""
+        """Register the hooks on ``blocks`` (module names such as ``mid_block`` or ``up_blocks.1``).
+
+        In batched mode the reference rows are dropped after the last blended block: nothing downstream
+        needs them, so the decoder blocks after it (the costly high-resolution ones with the default
+        blocks) run on the edit rows only.
+        """
         modules = dict(unet.named_modules())
+        order = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+        order += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
         for name in blocks:
             if name not in modules:
                 raise ValueError(f"the UNet has no block {name!r}")
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        if self.mode == "batched" and blocks:
+            self._last_block = max(blocks, key=order.index)
+            downstream = order[order.index(self._last_block) + 1 :]
+            if any(name.startswith("down_blocks") for name in downstream):
+                # Skip connections of later down blocks still carry reference rows; keep every row then.
+                self._last_block = None
+            else:
+                for name in downstream:
+                    hook = modules[name].register_forward_pre_hook(self._drop_reference_rows, with_kwargs=True)
+                    self._handles.append(hook)
         return self
+
+    def _drop_reference_rows(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        rows, edit_rows = self._rows, self._rows - self.masks.shape[0]
+
+        def trim(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows:
+                return value[:edit_rows]
+            if isinstance(value, tuple):
+                return tuple(trim(item) for item in value)
+            return value
+
+        return tuple(trim(a) for a in args), {key: trim(value) for key, value in kwargs.items()}
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -79,7 +110,9 @@ class FeatureBlender:
             mask = self.mask_at(*features.shape[-2:], like=features).repeat(self.num_branches, 1, 1, 1)
             blended = mask * edit + (1 - mask) * reference.repeat(self.num_branches, 1, 1, 1)
             if self.mode == "batched":
-                blended = torch.cat([blended, reference])
+                self._rows = features.shape[0]
+                if name != self._last_block:
+                    blended = torch.cat([blended, reference])
             return (blended, *output[1:]) if isinstance(output, tuple) else blended
 
         return blend
