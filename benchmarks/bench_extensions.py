@@ -280,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
     parser.add_argument("--size", type=int, help="square image size (default 256, or 512 with --real-shapes)")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps")
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up round")
     parser.add_argument("--json", type=Path, help="also write the figures here")

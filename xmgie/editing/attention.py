@@ -55,6 +55,19 @@ class CrossAttentionControl:
     token_masks: dict[int, torch.Tensor] | None = None
     capture: bool = False
     records: dict[str, list[AttentionRecord]] = field(default_factory=dict)
+    _identity_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def identity_key_value(self, name: str, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The identity keys and values of layer ``name`` for the first ``rows`` rows, projected once per call.
+
+        The tokens do not change during denoising; fewer rows than tokens means the reference rows were
+        dropped after the last blended block, and they are the trailing ones.
+        """
+        key = (name, rows)
+        if key not in self._identity_cache:
+            tokens = self.identity_tokens[:rows].to(dtype)
+            self._identity_cache[key] = self.identity_adapter.key_value(name, tokens)
+        return self._identity_cache[key]
 
     @property
     def active(self) -> bool:
@@ -156,9 +169,7 @@ class EditCrossAttnProcessor:
 
         identity_output = None
         if control.identity_adapter is not None and control.identity_scale != 0.0:
-            # Rows are the leading ones when the reference rows were dropped after the last blended block.
-            tokens = control.identity_tokens[: query.shape[0]].to(query.dtype)
-            id_key, id_value = control.identity_adapter.key_value(self.name, tokens)
+            id_key, id_value = control.identity_key_value(self.name, query.shape[0], query.dtype)
             identity = _merge_heads(
                 F.scaled_dot_product_attention(query, _heads(attn, id_key), _heads(attn, id_value))
             )

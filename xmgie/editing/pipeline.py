@@ -363,12 +363,14 @@ class XMGIEPipeline(DiffusionPipeline):
         saved = (control.edit_masks, control.identity_tokens, control.batch_size, control.num_branches)
         control.edit_masks = None
         control.identity_tokens = reference_tokens
+        edit_cache, control._identity_cache = control._identity_cache, {}
         control.num_branches = 1
         capture, control.capture = control.capture, False
         try:
             yield
         finally:
             control.edit_masks, control.identity_tokens, control.batch_size, control.num_branches = saved
+            control._identity_cache = edit_cache
             control.capture = capture
 
     def prepare_reference_latents(

@@ -1,0 +1,357 @@
+"""Processing of claimed items: the one code path shared by worker tasks and ``xmgie batch``.
+
+``process_items`` takes item ids (a queue message, or a slice of a local job), claims each one, loads and checks
+its inputs, edits the valid ones as one micro-batch and records every outcome through ``xmgie.jobs.transitions``.
+Bad input fails its own item (no retry, with the input error's code); an unexpected failure of the editor puts the
+batch's items back in the queue while they have attempts left (``internal_error`` after the last one). Nothing is
+raised to the caller for a problem of an item. When a job has no queued or running items left, its results
+manifest is (re)written.
+
+Each transition runs in its own short transaction; the model runs outside any transaction, so the database is
+never locked while images are edited.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from xmgie.editing.errors import EditInputError
+from xmgie.editing.images import check_instruction, load_image, load_mask
+from xmgie.editing.options import EditOptions
+from xmgie.jobs import transitions
+from xmgie.jobs.editor import EditRequest, EditResult, Editor
+from xmgie.jobs.exceptions import LeaseLostError
+from xmgie.jobs.manifests import write_results_manifest
+from xmgie.jobs.models import Item, Job
+from xmgie.jobs.settings import Settings
+from xmgie.jobs.statuses import JobStatus
+from xmgie.jobs.storage import ObjectNotFoundError, Storage, StorageError, mask_key, output_key
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal_error"
+STORAGE_ERROR = "storage_error"
+IMAGE_NOT_FOUND = "image_not_found"
+IMAGE_TOO_LARGE = "image_too_large"
+SKIPPED = "skipped"
+"""Outcome status of an item this call did not take (finished, held by another worker, or job canceled)."""
+
+SessionFactory = Callable[[], Session]
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """What ``process_items`` did with one item.
+
+    ``status`` is the item's status after this call (``succeeded``, ``failed``, ``canceled``, or ``queued`` when a
+    retryable failure sent it back), or ``skipped`` when this call did not claim it.
+    """
+
+    item_id: uuid.UUID
+    status: str
+    job_id: uuid.UUID | None = None
+    index: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass
+class _Claimed:
+    """The fields of a claimed item this module needs, copied out of its transaction."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    index: int
+    input_key: str
+    instruction: str
+    mask_key: str | None
+    identity_key: str | None
+    options: dict[str, Any]
+    seed: int | None
+    request: EditRequest | None = None
+    load_seconds: float = 0.0
+    outcome: ItemOutcome | None = field(default=None)
+
+
+@contextmanager
+def _transaction(session_factory: SessionFactory) -> Iterator[Session]:
+    """A session whose transaction commits when the block ends normally and rolls back when it raises."""
+    with session_factory() as session, session.begin():
+        yield session
+
+
+def item_seed(item_id: uuid.UUID, seed: int | None, options: EditOptions) -> int:
+    """The item's seed, else the options' seed, else one derived from the item's id (stable across retries)."""
+    if seed is not None:
+        return seed
+    if options.seed is not None:
+        return options.seed
+    return item_id.int % (2**31)
+
+
+def process_items(
+    *,
+    session_factory: SessionFactory,
+    storage: Storage,
+    editor: Editor,
+    item_ids: Sequence[uuid.UUID],
+    worker: str,
+    settings: Settings,
+) -> list[ItemOutcome]:
+    """Claim, load, edit and record ``item_ids`` as one micro-batch; one outcome per id, in order.
+
+    Never raises for a problem of an item (bad input, editor failure, storage failure, lost lease); database
+    errors are the caller's (the items keep their leases and the reconciler takes them back).
+    """
+    outcomes: dict[uuid.UUID, ItemOutcome] = {}
+    claimed: list[_Claimed] = []
+    for item_id in dict.fromkeys(item_ids):
+        with _transaction(session_factory) as session:
+            item = transitions.claim_item(
+                session=session,
+                item_id=item_id,
+                worker=worker,
+                lease_seconds=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+            )
+            if item is None:
+                outcomes[item_id] = ItemOutcome(item_id=item_id, status=SKIPPED)
+                continue
+            claimed.append(
+                _Claimed(
+                    id=item.id,
+                    job_id=item.job_id,
+                    index=item.index,
+                    input_key=item.input_key,
+                    instruction=item.instruction,
+                    mask_key=item.mask_key,
+                    identity_key=item.identity_key,
+                    options=dict(item.options or {}),
+                    seed=item.seed,
+                )
+            )
+
+    for entry in claimed:
+        started = time.perf_counter()
+        try:
+            entry.request = _load_request(entry, storage, settings)
+        except EditInputError as error:
+            entry.outcome = _fail(session_factory, entry, worker, settings, error.code, error.message, retry=False)
+        except StorageError as error:
+            entry.outcome = _fail(session_factory, entry, worker, settings, STORAGE_ERROR, str(error), retry=True)
+        except Exception as error:  # noqa: BLE001 - one item's surprise must not cost its neighbours
+            logger.exception("loading item %s failed", entry.id)
+            entry.outcome = _fail(session_factory, entry, worker, settings, INTERNAL_ERROR, _describe(error), True)
+        entry.load_seconds = time.perf_counter() - started
+
+    ready = [entry for entry in claimed if entry.outcome is None]
+    ready = _drop_canceled(session_factory, ready, worker)
+    if ready:
+        _edit_and_record(session_factory, storage, editor, ready, worker, settings)
+
+    for entry in claimed:
+        assert entry.outcome is not None
+        outcomes[entry.id] = entry.outcome
+    _write_finished_manifests(session_factory, storage, list(outcomes))
+    return [outcomes[item_id] for item_id in item_ids]
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _fail(
+    session_factory: SessionFactory,
+    entry: _Claimed,
+    worker: str,
+    settings: Settings,
+    code: str,
+    message: str,
+    retry: bool,
+) -> ItemOutcome:
+    """Record a failed attempt of ``entry`` and return its outcome (``skipped`` if the lease was lost)."""
+    try:
+        with _transaction(session_factory) as session:
+            item = transitions.fail_item(
+                session=session,
+                item_id=entry.id,
+                worker=worker,
+                code=code,
+                message=message,
+                retry=retry,
+                max_attempts=settings.max_attempts,
+            )
+            status = item.status
+    except LeaseLostError:
+        logger.warning("item %s: lease lost before its failure (%s) was recorded", entry.id, code)
+        return ItemOutcome(item_id=entry.id, status=SKIPPED, job_id=entry.job_id, index=entry.index)
+    return ItemOutcome(entry.id, status, entry.job_id, entry.index, error_code=code, error_message=message)
+
+
+def _load_request(entry: _Claimed, storage: Storage, settings: Settings) -> EditRequest:
+    """Read and check the item's inputs; ``EditInputError`` with a stable code for anything a user can fix."""
+    options = EditOptions.from_dict(entry.options)
+    instruction = check_instruction(entry.instruction)
+    if len(instruction) > settings.max_instruction_chars:
+        raise EditInputError(
+            "instruction_too_long",
+            f"instruction has {len(instruction)} characters; at most {settings.max_instruction_chars} are allowed",
+        )
+    image = _load_checked(storage, entry.input_key, "image", settings)
+    mask = None
+    if entry.mask_key is not None:
+        mask = load_mask(_read_object(storage, entry.mask_key, "mask"), image.size)
+    identity = None
+    if entry.identity_key is not None:
+        identity = _load_checked(storage, entry.identity_key, "identity image", settings)
+    seed = item_seed(entry.id, entry.seed, options)
+    return EditRequest(image=image, instruction=instruction, options=options, seed=seed, mask=mask,
+                       identity_image=identity)
+
+
+def _read_object(storage: Storage, key: str, what: str) -> bytes:
+    try:
+        return storage.get_bytes(key)
+    except ObjectNotFoundError:
+        raise EditInputError(IMAGE_NOT_FOUND, f"{what} not found in storage: {key}") from None
+
+
+def _load_checked(storage: Storage, key: str, what: str, settings: Settings) -> Image.Image:
+    """Decode the image under ``key``, refusing more pixels than ``settings.max_image_pixels`` before decoding."""
+    data = _read_object(storage, key, what)
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except Exception:  # noqa: BLE001 - unreadable data: load_image names the exact problem below
+        width = height = 0
+    if width * height > settings.max_image_pixels:
+        raise EditInputError(
+            IMAGE_TOO_LARGE,
+            f"{what} {key} is {width}x{height} ({width * height} pixels); at most {settings.max_image_pixels} "
+            "are allowed",
+        )
+    return load_image(data)
+
+
+def _drop_canceled(session_factory: SessionFactory, entries: list[_Claimed], worker: str) -> list[_Claimed]:
+    """Cancel the claimed items whose job was asked to cancel meanwhile; the others."""
+    canceled_jobs = set()
+    with _transaction(session_factory) as session:
+        for job_id in {entry.job_id for entry in entries}:
+            if transitions.is_cancel_requested(session=session, job_id=job_id):
+                canceled_jobs.add(job_id)
+    keep = []
+    for entry in entries:
+        if entry.job_id not in canceled_jobs:
+            keep.append(entry)
+            continue
+        try:
+            with _transaction(session_factory) as session:
+                transitions.cancel_item(session=session, item_id=entry.id, worker=worker)
+            entry.outcome = ItemOutcome(entry.id, "canceled", entry.job_id, entry.index)
+        except LeaseLostError:
+            entry.outcome = ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
+    return keep
+
+
+def _edit_and_record(
+    session_factory: SessionFactory,
+    storage: Storage,
+    editor: Editor,
+    entries: list[_Claimed],
+    worker: str,
+    settings: Settings,
+) -> None:
+    """Edit ``entries`` as one micro-batch and record each result; failures fail the batch's items."""
+    requests = [entry.request for entry in entries if entry.request is not None]
+    try:
+        results = editor.edit(requests)
+        if len(results) != len(requests):
+            raise RuntimeError(f"the editor returned {len(results)} results for {len(requests)} requests")
+    except EditInputError as error:
+        if len(entries) > 1:
+            # One item's input the editor refused: edit each alone so the others still get their results.
+            for entry in entries:
+                _edit_and_record(session_factory, storage, editor, [entry], worker, settings)
+            return
+        entries[0].outcome = _fail(session_factory, entries[0], worker, settings, error.code, error.message, False)
+        return
+    except Exception as error:  # noqa: BLE001 - the batch's items are retried; the caller keeps running
+        logger.exception("editing %d item(s) failed", len(entries))
+        for entry in entries:
+            entry.outcome = _fail(session_factory, entry, worker, settings, INTERNAL_ERROR, _describe(error), True)
+        return
+    for entry, result in zip(entries, results, strict=True):
+        entry.outcome = _record(session_factory, storage, entry, result, worker, settings)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _record(
+    session_factory: SessionFactory,
+    storage: Storage,
+    entry: _Claimed,
+    result: EditResult,
+    worker: str,
+    settings: Settings,
+) -> ItemOutcome:
+    """Write the item's output (and mask) to their deterministic keys and mark it succeeded."""
+    try:
+        key = output_key(entry.job_id, entry.index)
+        sha256 = storage.put_bytes(key, _png(result.image), "image/png")
+        used_mask_key = None
+        if result.mask is not None:
+            used_mask_key = mask_key(entry.job_id, entry.index)
+            storage.put_bytes(used_mask_key, _png(result.mask.convert("L")), "image/png")
+    except Exception as error:  # noqa: BLE001 - a write failure is retried like any transient failure
+        return _fail(session_factory, entry, worker, settings, STORAGE_ERROR, _describe(error), retry=True)
+    metrics = {"identity_score": result.identity_score, "preservation": result.preservation}
+    timings = {**result.timings, "load": round(entry.load_seconds, 4)}
+    try:
+        with _transaction(session_factory) as session:
+            transitions.succeed_item(
+                session=session,
+                item_id=entry.id,
+                worker=worker,
+                output_key=key,
+                output_sha256=sha256,
+                mask_output_key=used_mask_key,
+                expressive_instruction=result.expressive_instruction,
+                metrics=metrics,
+                timings=timings,
+            )
+    except LeaseLostError:
+        logger.warning("item %s: lease lost before its result was recorded", entry.id)
+        return ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
+    return ItemOutcome(entry.id, "succeeded", entry.job_id, entry.index)
+
+
+def _write_finished_manifests(session_factory: SessionFactory, storage: Storage, item_ids: list[uuid.UUID]) -> None:
+    """Write the results manifest of each job of ``item_ids`` that has no queued or running items left."""
+    if not item_ids:
+        return
+    with _transaction(session_factory) as session:
+        query = select(Job.id, Job.status).where(Job.id.in_(select(Item.job_id).where(Item.id.in_(item_ids))))
+        finished = [job_id for job_id, status in session.execute(query) if JobStatus(status).is_terminal()]
+    for job_id in finished:
+        try:
+            with _transaction(session_factory) as session:
+                write_results_manifest(session, storage, job_id)
+        except Exception:  # noqa: BLE001 - the items are recorded; a later call or a reader can rewrite it
+            logger.exception("writing the results manifest of job %s failed", job_id)

@@ -1,0 +1,115 @@
+"""Uploaded input images: checked before they are stored, and resolved when a job refers to them.
+
+An upload's *reference* is its storage key, ``uploads/<tenant>/<upload id><suffix>`` (see
+:func:`xmgie.jobs.storage.upload_key`): a job stores it as the item's input key, so workers read the bytes
+without any lookup. The tenant in the key is what makes an upload usable by its owner only. The original bytes are
+kept as sent (no re-encoding), under the suffix of the format Pillow recognised.
+
+Rejections are :class:`~xmgie.editing.errors.EditInputError` with a stable code: ``upload_too_large`` (more bytes
+than allowed), ``image_too_large`` (more pixels than allowed), the codes of
+:func:`~xmgie.editing.images.load_image` (``empty_image``, ``not_an_image``, ``truncated_image``), and
+``unknown_upload`` for a reference that is not an existing upload of the tenant.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from xmgie.editing.errors import EditInputError
+from xmgie.editing.images import load_image
+from xmgie.jobs.storage import Storage, upload_key
+
+_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tiff", "BMP": ".bmp", "GIF": ".gif"}
+_REFERENCE = re.compile(r"uploads/(?P<tenant>[0-9a-f-]{36})/(?P<upload>[0-9a-f-]{36})\.[a-z0-9]{1,8}")
+
+
+class UploadTooLargeError(EditInputError):
+    """The upload has more bytes than ``Settings.max_upload_bytes`` allows."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__("upload_too_large", f"upload has {size} bytes or more; at most {limit} are allowed")
+
+
+class UnknownUploadError(EditInputError):
+    """A job refers to something that is not an existing upload of its tenant."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__("unknown_upload", f"{reference!r} is not an upload of this tenant")
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """What was stored: the reference to use in jobs, and what the image turned out to be."""
+
+    reference: str
+    upload_id: uuid.UUID
+    width: int
+    height: int
+    format: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+
+
+def check_upload_size(size: int, *, max_bytes: int) -> None:
+    """Raise :class:`UploadTooLargeError` when ``size`` exceeds ``max_bytes``."""
+    if size > max_bytes:
+        raise UploadTooLargeError(size, max_bytes)
+
+
+def inspect_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
+    """``(format, width, height)`` of an image file's bytes, fully decoded to make sure it can be edited.
+
+    The pixel count is checked from the header before any decoding, so an oversized image costs no memory.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                image_format, (width, height) = probe.format or "", probe.size
+    except Exception:
+        # Unreadable headers get their precise code from load_image below.
+        image_format, width, height = "", 0, 0
+    if width * height > max_pixels:
+        raise EditInputError(
+            "image_too_large", f"image is {width}x{height} ({width * height} pixels); at most {max_pixels} are allowed"
+        )
+    image = load_image(data)
+    return image_format or "PNG", image.width, image.height
+
+
+def store_upload(
+    *, storage: Storage, tenant_id: uuid.UUID, data: bytes, max_bytes: int, max_pixels: int
+) -> StoredUpload:
+    """Check ``data`` (size, format, pixel count) and store it as a new upload of the tenant."""
+    check_upload_size(len(data), max_bytes=max_bytes)
+    image_format, width, height = inspect_image(data, max_pixels=max_pixels)
+    upload_id = uuid.uuid4()
+    suffix = _SUFFIXES.get(image_format, f".{image_format.lower()}")
+    key = upload_key(tenant_id, upload_id, suffix)
+    content_type = Image.MIME.get(image_format, "application/octet-stream")
+    sha256 = storage.put_bytes(key, data, content_type=content_type)
+    return StoredUpload(
+        reference=key,
+        upload_id=upload_id,
+        width=width,
+        height=height,
+        format=image_format,
+        content_type=content_type,
+        size_bytes=len(data),
+        sha256=sha256,
+    )
+
+
+def resolve_upload(*, storage: Storage, tenant_id: uuid.UUID, reference: str) -> str:
+    """The storage key of the tenant's upload ``reference``; :class:`UnknownUploadError` if there is none."""
+    match = _REFERENCE.fullmatch(reference or "")
+    if match is None or match["tenant"] != str(tenant_id) or not storage.exists(reference):
+        raise UnknownUploadError(reference)
+    return reference
