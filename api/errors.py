@@ -1,0 +1,113 @@
+"""Every error leaves the API as ``{"error": {"code", "message"}}`` with a fitting status code."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from xmgie.editing.errors import EditInputError
+from xmgie.jobs.exceptions import InvalidJobError, JobAlreadyTerminalError, NoSuchItemError, NoSuchJobError
+from xmgie.jobs.storage import StorageUnavailableError
+
+logger = logging.getLogger(__name__)
+
+_CODES_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
+
+_STATUS_BY_INPUT_CODE = {"upload_too_large": 413}
+"""Status of input errors that are not a plain 422."""
+
+
+class ApiError(Exception):
+    """An error response with its status, code and message (``item``: index of the offending submitted item)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        *,
+        item: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.item = item
+        self.headers = headers
+
+
+def error_response(
+    status_code: int, code: str, message: str, *, item: int | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The JSON error envelope."""
+    error: dict[str, object] = {"code": code, "message": message}
+    if item is not None:
+        error["item"] = item
+    return JSONResponse({"error": error}, status_code=status_code, headers=headers)
+
+
+def _describe_validation(error: RequestValidationError) -> str:
+    parts = []
+    for detail in error.errors()[:5]:
+        location = ".".join(str(part) for part in detail.get("loc", ()))
+        parts.append(f"{location}: {detail.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is invalid"
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Install the handlers that turn exceptions into the JSON error envelope."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, item=exc.item, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _describe_validation(exc))
+
+    @app.exception_handler(EditInputError)
+    async def _input_error(request: Request, exc: EditInputError) -> JSONResponse:
+        return error_response(_STATUS_BY_INPUT_CODE.get(exc.code, 422), exc.code, exc.message)
+
+    @app.exception_handler(NoSuchJobError)
+    async def _no_such_job(request: Request, exc: NoSuchJobError) -> JSONResponse:
+        return error_response(404, "job_not_found", str(exc))
+
+    @app.exception_handler(NoSuchItemError)
+    async def _no_such_item(request: Request, exc: NoSuchItemError) -> JSONResponse:
+        return error_response(404, "item_not_found", str(exc))
+
+    @app.exception_handler(JobAlreadyTerminalError)
+    async def _already_terminal(request: Request, exc: JobAlreadyTerminalError) -> JSONResponse:
+        return error_response(409, "job_already_terminal", str(exc))
+
+    @app.exception_handler(InvalidJobError)
+    async def _invalid_job(request: Request, exc: InvalidJobError) -> JSONResponse:
+        return error_response(422, "invalid_job", str(exc))
+
+    @app.exception_handler(StorageUnavailableError)
+    async def _storage_unavailable(request: Request, exc: StorageUnavailableError) -> JSONResponse:
+        logger.warning("storage unavailable: %s", exc)
+        return error_response(503, "storage_unavailable", "the storage is not reachable; try again later")

@@ -1,0 +1,267 @@
+"""The HTTP contract: authentication, uploads, submission, polling, listing, cancel, manifests and probes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
+
+from api.main import create_app
+from tests.api.conftest import MAX_ITEMS, MAX_UPLOAD_BYTES, Dispatched, png_bytes, submit, upload
+from xmgie.jobs.db import session_scope
+from xmgie.jobs.models import Item
+from xmgie.jobs.settings import Settings
+from xmgie.jobs.storage import LocalStorage, manifest_key, output_key
+from xmgie.jobs.transitions import claim_item, succeed_item
+
+
+def _item_ids(engine: Engine, job_id: str) -> list[uuid.UUID]:
+    with session_scope(engine) as session:
+        query = select(Item.id).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.index)
+        return list(session.scalars(query))
+
+
+def _succeed(engine: Engine, settings: Settings, job_id: str, index: int) -> None:
+    """Play the worker: write the output and mark item ``index`` succeeded."""
+    storage = LocalStorage(Path(settings.storage_url.removeprefix("file://")))
+    key = output_key(job_id, index)
+    sha256 = storage.put_bytes(key, png_bytes(colour=(0, 0, 255)), content_type="image/png")
+    item_id = _item_ids(engine, job_id)[index]
+    with session_scope(engine) as session:
+        claim_item(session=session, item_id=item_id, worker="test-worker", lease_seconds=60, max_attempts=3)
+    with session_scope(engine) as session:
+        succeed_item(session=session, item_id=item_id, worker="test-worker", output_key=key, output_sha256=sha256)
+
+
+def test_requests_without_a_valid_key_are_unauthorized(client: TestClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer xmgie_not-a-key"}, {"Authorization": "Basic abc"}):
+        response = client.get(f"/v1/jobs/{uuid.uuid4()}", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+    response = client.post("/v1/uploads", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert response.status_code == 401
+
+
+def test_submission_is_accepted_and_dispatched_after_commit(
+    client: TestClient, auth: dict[str, str], dispatched: Dispatched, engine: Engine
+) -> None:
+    reference = upload(client, auth)
+    response = submit(client, auth, reference, count=3, options={"num_inference_steps": 4})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["item_count"] == 3 and job["progress"] == 0.0
+    assert job["counts"] == {"queued": 3, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0}
+    assert dispatched.calls == [_item_ids(engine, job["id"])]
+    assert dispatched.committed == [True]
+
+    polled = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert polled["id"] == job["id"] and polled["created_at"] and polled["finished_at"] is None
+
+
+def test_same_idempotency_key_returns_the_same_job_without_dispatching_again(
+    client: TestClient, auth: dict[str, str], dispatched: Dispatched
+) -> None:
+    reference = upload(client, auth)
+    first = submit(client, auth, reference, count=2, idempotency_key="batch-7")
+    again = submit(client, auth, reference, count=2, idempotency_key="batch-7")
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert len(dispatched.calls) == 1
+
+
+def test_tenants_cannot_see_each_others_jobs_or_uploads(
+    client: TestClient, auth: dict[str, str], new_key, settings: Settings
+) -> None:
+    other = new_key()
+    reference = upload(client, auth)
+    job_id = submit(client, auth, reference).json()["id"]
+    for method, path in (
+        ("get", f"/v1/jobs/{job_id}"),
+        ("get", f"/v1/jobs/{job_id}/items"),
+        ("post", f"/v1/jobs/{job_id}/cancel"),
+        ("get", f"/v1/jobs/{job_id}/manifest"),
+    ):
+        response = client.request(method.upper(), path, headers=other)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "job_not_found"
+    response = submit(client, other, reference)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "unknown_upload"
+    assert response.json()["error"]["item"] == 0
+    # The owner's job was not touched by the other tenant's cancel.
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
+
+
+def test_unknown_references_are_refused(client: TestClient, auth: dict[str, str]) -> None:
+    reference = upload(client, auth)
+    for bogus in ("uploads/../../etc/passwd", f"jobs/{uuid.uuid4()}/0.png", reference.replace(".png", ".jpg")):
+        response = client.post(
+            "/v1/jobs", headers=auth, json={"items": [{"image": reference, "instruction": "x", "mask": bogus}]}
+        )
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "unknown_upload"
+
+
+def test_cancel_then_cancel_again_conflicts(client: TestClient, auth: dict[str, str]) -> None:
+    job_id = submit(client, auth, upload(client, auth), count=2).json()["id"]
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    assert response.status_code == 200
+    assert response.json()["status"] == "canceled"
+    assert response.json()["counts"]["canceled"] == 2
+    again = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "job_already_terminal"
+    assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel", headers=auth).status_code == 404
+
+
+def test_items_are_paged_by_cursor_and_filtered_by_status(
+    client: TestClient, auth: dict[str, str], engine: Engine, settings: Settings
+) -> None:
+    job_id = submit(client, auth, upload(client, auth), count=5).json()["id"]
+    _succeed(engine, settings, job_id, 1)
+    _succeed(engine, settings, job_id, 3)
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor is not None else {})
+        page = client.get(f"/v1/jobs/{job_id}/items", headers=auth, params=params).json()
+        pages += 1
+        assert page["count"] == 5
+        seen.extend(item["index"] for item in page["data"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == [0, 1, 2, 3, 4]
+
+    succeeded = client.get(f"/v1/jobs/{job_id}/items", headers=auth, params={"status": "succeeded"}).json()
+    assert [item["index"] for item in succeeded["data"]] == [1, 3] and succeeded["count"] == 2
+    queued = client.get(f"/v1/jobs/{job_id}/items", headers=auth, params={"status": "queued", "limit": 2}).json()
+    assert [item["index"] for item in queued["data"]] == [0, 2] and queued["next_cursor"] == 2
+    bad = client.get(f"/v1/jobs/{job_id}/items", headers=auth, params={"status": "done"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+
+
+def test_succeeded_item_has_a_result_url_and_job_shows_progress(
+    client: TestClient, auth: dict[str, str], engine: Engine, settings: Settings
+) -> None:
+    job_id = submit(client, auth, upload(client, auth), count=2).json()["id"]
+    _succeed(engine, settings, job_id, 0)
+
+    items = client.get(f"/v1/jobs/{job_id}/items", headers=auth).json()["data"]
+    assert items[0]["status"] == "succeeded" and items[0]["result_url"]
+    assert items[0]["result_url"].endswith(output_key(job_id, 0))
+    assert items[1]["status"] == "queued" and items[1]["result_url"] is None
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "running" and job["progress"] == 0.5 and job["started_at"]
+
+
+def test_manifest_comes_from_the_database_until_one_is_stored(
+    client: TestClient, auth: dict[str, str], settings: Settings
+) -> None:
+    job_id = submit(client, auth, upload(client, auth), count=2).json()["id"]
+    built = client.get(f"/v1/jobs/{job_id}/manifest", headers=auth).json()
+    assert built["source"] == "database"
+    assert [record["index"] for record in built["records"]] == [0, 1]
+
+    storage = LocalStorage(Path(settings.storage_url.removeprefix("file://")))
+    lines = [{"index": 0, "output": "a.png"}, {"index": 1, "output": "b.png"}]
+    storage.put_bytes(manifest_key(job_id), "\n".join(json.dumps(line) for line in lines).encode() + b"\n")
+    stored = client.get(f"/v1/jobs/{job_id}/manifest", headers=auth).json()
+    assert stored["source"] == "storage" and stored["records"] == lines
+
+
+def test_invalid_option_names_the_item(client: TestClient, auth: dict[str, str]) -> None:
+    reference = upload(client, auth)
+    items = [
+        {"image": reference, "instruction": "ok"},
+        {"image": reference, "instruction": "ok", "options": {"pfb": {"latent_blend_fraction": 2.0}}},
+    ]
+    response = client.post("/v1/jobs", headers=auth, json={"items": items})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_option" and error["item"] == 1 and "item 1" in error["message"]
+
+    # Job options are merged under item options: a bad job-level option fails the first item.
+    response = client.post("/v1/jobs", headers=auth, json={"items": items[:1], "options": {"warp_speed": 9}})
+    assert response.json()["error"] == {
+        "code": "invalid_option",
+        "message": response.json()["error"]["message"],
+        "item": 0,
+    }
+
+
+def test_instructions_are_checked(client: TestClient, auth: dict[str, str]) -> None:
+    reference = upload(client, auth)
+    for instruction, code in (("   ", "empty_instruction"), ("x" * 201, "instruction_too_long")):
+        response = client.post(
+            "/v1/jobs", headers=auth, json={"items": [{"image": reference, "instruction": instruction}]}
+        )
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == code
+
+
+def test_too_many_items_is_refused(client: TestClient, auth: dict[str, str], dispatched: Dispatched) -> None:
+    response = submit(client, auth, upload(client, auth), count=MAX_ITEMS + 1)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "too_many_items"
+    assert dispatched.calls == []
+
+
+def test_malformed_body_is_an_invalid_request(client: TestClient, auth: dict[str, str]) -> None:
+    response = client.post("/v1/jobs", headers=auth, json={"items": []})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_uploads_are_checked(client: TestClient, auth: dict[str, str]) -> None:
+    response = client.post("/v1/uploads", headers=auth, files={"file": ("a.png", b"hello, not an image", "image/png")})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "not_an_image"
+
+    big = b"\x89PNG" + b"\0" * MAX_UPLOAD_BYTES
+    response = client.post("/v1/uploads", headers=auth, files={"file": ("a.png", big, "image/png")})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "upload_too_large"
+
+    response = client.post("/v1/uploads", headers=auth, files={"file": ("a.png", png_bytes(300, 300), "image/png")})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "image_too_large"
+
+    stored = client.post("/v1/uploads", headers=auth, files={"file": ("a.png", png_bytes(), "image/png")}).json()
+    assert (stored["width"], stored["height"], stored["format"]) == (32, 24, "PNG")
+    assert stored["reference"].startswith("uploads/") and stored["reference"].endswith(".png")
+
+
+def test_probes(client: TestClient, settings: Settings, tmp_path: Path) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "storage": "ok", "broker": "skipped"}
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the storage folder should be")
+    broken = settings.model_copy(update={"storage_url": f"file://{blocker}"})
+    with TestClient(create_app(broken)) as broken_client:
+        response = broken_client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["checks"]["database"] == "ok" and body["checks"]["storage"].startswith("error")
+    assert body["error"]["code"] == "not_ready" and "storage" in body["error"]["message"]
+
+
+def test_openapi_describes_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/uploads", "/v1/jobs", "/v1/jobs/{job_id}/items", "/healthz", "/readyz"} <= set(paths)
+
+
+def test_readiness_names_an_unreachable_broker(settings: Settings) -> None:
+    unreachable = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(unreachable)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("error")
+    assert "broker" in response.json()["error"]["message"]
