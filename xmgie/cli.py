@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     extensions.add_argument("--sigma-s", type=float, default=10.0, help="GB: fall-off of the blur with distance")
     _add_runtime_arguments(edit)
 
+    batch = commands.add_parser("batch", help="edit every item of a JSON Lines manifest as a local job")
+    batch.add_argument("manifest", type=Path, help="one JSON object per line: image, instruction, mask, seed, options")
+    batch.add_argument("--output-dir", type=Path, required=True, help="where outputs, results and the sheet go")
+    batch.add_argument("--micro-batch", type=int, help="items edited per model call (default: settings, 1)")
+    batch.add_argument("--steps", type=int, help="denoising steps of items whose options do not set them")
+    batch.add_argument("--max-side", type=int, help="working long side of items whose options do not set it")
+    _add_runtime_arguments(batch)
+
+    migrate = commands.add_parser("migrate", help="bring the job database to the newest schema")
+    migrate.add_argument("--database-url", help="default: the settings' database URL (XMGIE_DATABASE_URL)")
+
     evaluate = commands.add_parser("eval", help="editing metrics (L1, L2, CLIP-I, CLIP-T, DINO) over folders")
     add_eval_arguments(evaluate)
 
@@ -99,7 +110,39 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--ip-adapter", type=Path, help="IP-Adapter SD 1.5 weights, for identity embeddings")
     convert.add_argument("--image-encoder", type=Path, help="IP-Adapter's image encoder directory")
     convert.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    _add_service_commands(commands)
     return parser
+
+
+def _add_service_commands(commands: argparse._SubParsersAction) -> None:
+    """``xmgie api`` and ``xmgie admin ...``: the HTTP service and its administration."""
+    api = commands.add_parser("api", help="run the HTTP API (run `xmgie migrate` first; it does not migrate)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    admin = commands.add_parser("admin", help="administration of the job service")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    create_key = admin_commands.add_parser("create-key", help="issue an API key (the tenant is created if needed)")
+    create_key.add_argument("--tenant", required=True, help="tenant name")
+
+
+def run_api(args: argparse.Namespace) -> int:
+    """``xmgie api``: serve ``api.main:create_app`` with uvicorn; the database schema must already be migrated."""
+    import uvicorn
+
+    uvicorn.run("api.main:create_app", factory=True, host=args.host, port=args.port)
+    return 0
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    """``xmgie admin create-key``: print a new API key of the tenant; it is shown this once only."""
+    from xmgie.jobs.auth import create_api_key
+    from xmgie.jobs.db import get_engine, session_scope
+    from xmgie.jobs.settings import get_settings
+
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        key = create_api_key(session=session, tenant_name=args.tenant)
+    print(key)
+    return 0
 
 
 def _torch_dtype(name: str):
@@ -221,6 +264,34 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    """``xmgie batch``: a bulk job from a manifest on the embedded defaults (see ``xmgie.jobs.batch``)."""
+    from xmgie.jobs.batch import run_batch_command
+
+    return run_batch_command(
+        args.manifest,
+        args.output_dir,
+        model=args.model,
+        device=args.device,
+        dtype=DTYPES.get(args.dtype, args.dtype),
+        cache_dir=args.cache_dir,
+        micro_batch=args.micro_batch,
+        steps=args.steps,
+        max_side=args.max_side,
+    )
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """``xmgie migrate``: apply the Alembic migrations to the database."""
+    from xmgie.jobs.migrate import upgrade_database
+    from xmgie.jobs.settings import get_settings
+
+    url = args.database_url or get_settings().database_url
+    upgrade_database(url)
+    print(f"database {url} is at the newest schema")
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep the command's output to its own lines: no loading bars or library warnings."""
     import warnings
@@ -246,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "edit":
             return run_edit(args)
+        if args.command == "api":
+            return run_api(args)
+        if args.command == "admin":
+            return run_admin(args)
+        if args.command == "batch":
+            return run_batch(args)
+        if args.command == "migrate":
+            return run_migrate(args)
         if args.command == "eval":
             from xmgie.metrics import run_eval
 

@@ -30,8 +30,8 @@ from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import check_instruction, load_image, load_mask
 from xmgie.editing.options import EditOptions
 from xmgie.jobs import transitions
-from xmgie.jobs.editor import EditRequest, EditResult, Editor
-from xmgie.jobs.exceptions import LeaseLostError
+from xmgie.jobs.editor import Editor, EditRequest, EditResult
+from xmgie.jobs.exceptions import LeaseLostError, NoSuchItemError
 from xmgie.jobs.manifests import write_results_manifest
 from xmgie.jobs.models import Item, Job
 from xmgie.jobs.settings import Settings
@@ -117,30 +117,15 @@ def process_items(
     outcomes: dict[uuid.UUID, ItemOutcome] = {}
     claimed: list[_Claimed] = []
     for item_id in dict.fromkeys(item_ids):
-        with _transaction(session_factory) as session:
-            item = transitions.claim_item(
-                session=session,
-                item_id=item_id,
-                worker=worker,
-                lease_seconds=settings.lease_seconds,
-                max_attempts=settings.max_attempts,
-            )
-            if item is None:
-                outcomes[item_id] = ItemOutcome(item_id=item_id, status=SKIPPED)
-                continue
-            claimed.append(
-                _Claimed(
-                    id=item.id,
-                    job_id=item.job_id,
-                    index=item.index,
-                    input_key=item.input_key,
-                    instruction=item.instruction,
-                    mask_key=item.mask_key,
-                    identity_key=item.identity_key,
-                    options=dict(item.options or {}),
-                    seed=item.seed,
-                )
-            )
+        try:
+            entry = _claim(session_factory, item_id, worker, settings)
+        except NoSuchItemError as error:
+            outcomes[item_id] = ItemOutcome(item_id, SKIPPED, error_code="no_such_item", error_message=str(error))
+            continue
+        if entry is None:
+            outcomes[item_id] = ItemOutcome(item_id=item_id, status=SKIPPED)
+        else:
+            claimed.append(entry)
 
     for entry in claimed:
         started = time.perf_counter()
@@ -165,6 +150,31 @@ def process_items(
         outcomes[entry.id] = entry.outcome
     _write_finished_manifests(session_factory, storage, list(outcomes))
     return [outcomes[item_id] for item_id in item_ids]
+
+
+def _claim(session_factory: SessionFactory, item_id: uuid.UUID, worker: str, settings: Settings) -> _Claimed | None:
+    """Take the item's lease; its fields, or None when it is not this worker's to run."""
+    with _transaction(session_factory) as session:
+        item = transitions.claim_item(
+            session=session,
+            item_id=item_id,
+            worker=worker,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+        )
+        if item is None:
+            return None
+        return _Claimed(
+            id=item.id,
+            job_id=item.job_id,
+            index=item.index,
+            input_key=item.input_key,
+            instruction=item.instruction,
+            mask_key=item.mask_key,
+            identity_key=item.identity_key,
+            options=dict(item.options or {}),
+            seed=item.seed,
+        )
 
 
 def _describe(error: BaseException) -> str:
@@ -217,8 +227,9 @@ def _load_request(entry: _Claimed, storage: Storage, settings: Settings) -> Edit
     if entry.identity_key is not None:
         identity = _load_checked(storage, entry.identity_key, "identity image", settings)
     seed = item_seed(entry.id, entry.seed, options)
-    return EditRequest(image=image, instruction=instruction, options=options, seed=seed, mask=mask,
-                       identity_image=identity)
+    return EditRequest(
+        image=image, instruction=instruction, options=options, seed=seed, mask=mask, identity_image=identity
+    )
 
 
 def _read_object(storage: Storage, key: str, what: str) -> bytes:
