@@ -17,23 +17,11 @@ from api.errors import register_error_handlers
 from api.routes import health, jobs, uploads
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.settings import Settings, get_settings
-from xmgie.jobs.storage import Storage, storage_from_url
+from xmgie.jobs.storage import storage_from_settings
 
 
 def _publish_nothing(item_ids: list[UUID]) -> None:
     """Default publisher: items stay queued for whoever reconciles the database."""
-
-
-def storage_from_settings(settings: Settings) -> Storage:
-    """The storage ``settings`` describe (S3 options are ignored for a local folder)."""
-    return storage_from_url(
-        settings.storage_url,
-        endpoint_url=settings.s3_endpoint_url,
-        public_endpoint_url=settings.s3_public_endpoint_url,
-        region=settings.s3_region or "us-east-1",
-        access_key_id=settings.s3_access_key_id,
-        secret_access_key=settings.s3_secret_access_key,
-    )
 
 
 def create_app(settings: Settings | None = None, dispatch: Dispatch | None = None) -> FastAPI:
@@ -41,9 +29,14 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
 
     ``dispatch(item_ids)`` publishes work for a newly created job's items; it is called after the job's transaction
     has committed, and a failure to publish is logged without failing the submission (the database stays the
-    source of truth; a reconciler re-publishes queued items). Default: publish nothing.
+    source of truth; a reconciler re-publishes queued items). Default: ``xmgie.edit_items`` messages to the Celery
+    workers when ``settings.broker_url`` is set, else nothing.
     """
     settings = settings or get_settings()
+    if dispatch is None and settings.broker_url:
+        from xmgie.jobs.dispatch import celery_dispatcher
+
+        dispatch = celery_dispatcher(settings.broker_url, settings.micro_batch_size, settings.lease_seconds)
     engine = make_engine(settings.database_url)
 
     @asynccontextmanager

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--image-encoder", type=Path, help="IP-Adapter's image encoder directory")
     convert.add_argument("--dtype", default="float16", choices=list(DTYPES))
     _add_service_commands(commands)
+    _add_worker_commands(commands)
     return parser
 
 
@@ -123,6 +124,58 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
     create_key = admin_commands.add_parser("create-key", help="issue an API key (the tenant is created if needed)")
     create_key.add_argument("--tenant", required=True, help="tenant name")
+
+
+def _add_worker_commands(commands: argparse._SubParsersAction) -> None:
+    """``xmgie worker`` and ``xmgie beat``: the Celery processes of the job service (need ``XMGIE_BROKER_URL``)."""
+    worker = commands.add_parser("worker", help="run a Celery worker (edits on queue gpu, bookkeeping on default)")
+    worker.add_argument("--queues", default="gpu,default", help="comma-separated queues to consume")
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (one model each)")
+    worker.add_argument("--pool", choices=["solo", "prefork"], default="solo")
+    worker.add_argument("--loglevel", default="INFO")
+    # Hidden: the no-op editor (same as XMGIE_EDITOR=noop) for queue benchmarks and tests, never for real jobs.
+    worker.add_argument("--editor", choices=["pipeline", "noop"], help=argparse.SUPPRESS)
+    beat = commands.add_parser("beat", help="run Celery beat: the reconciler every minute")
+    beat.add_argument("--schedule-file", type=Path, help="beat's state file (default: <data_dir>/celerybeat-schedule)")
+    beat.add_argument("--loglevel", default="INFO")
+
+
+def _require_broker() -> None:
+    from xmgie.jobs.settings import get_settings
+
+    if not get_settings().broker_url:
+        raise ValueError("no broker configured: set XMGIE_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """``xmgie worker``: a Celery worker of ``workers.celery_app``; the model loads on each process' first edit."""
+    _require_broker()
+    if args.editor:
+        os.environ["XMGIE_EDITOR"] = args.editor
+    from workers.celery_app import celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--queues={args.queues}",
+            f"--concurrency={args.concurrency}",
+            f"--pool={args.pool}",
+            f"--loglevel={args.loglevel}",
+        ]
+    )
+    return 0
+
+
+def run_beat(args: argparse.Namespace) -> int:
+    """``xmgie beat``: Celery beat with the schedule of ``workers.beat``."""
+    _require_broker()
+    from workers.celery_app import celery_app
+    from xmgie.jobs.settings import get_settings
+
+    schedule = args.schedule_file or get_settings().data_dir / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    celery_app.Beat(schedule=str(schedule), loglevel=args.loglevel).run()
+    return 0
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -321,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_api(args)
         if args.command == "admin":
             return run_admin(args)
+        if args.command == "worker":
+            return run_worker(args)
+        if args.command == "beat":
+            return run_beat(args)
         if args.command == "batch":
             return run_batch(args)
         if args.command == "migrate":

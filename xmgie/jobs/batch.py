@@ -40,7 +40,7 @@ from xmgie.jobs.models import Item, Job, Tenant, utc_now
 from xmgie.jobs.processing import IMAGE_NOT_FOUND, process_items
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.statuses import ItemStatus
-from xmgie.jobs.storage import Storage, storage_from_url, upload_key
+from xmgie.jobs.storage import Storage, storage_from_settings, upload_key
 
 LOCAL_TENANT = "local"
 """Name of the tenant that owns the jobs of ``xmgie batch``."""
@@ -176,21 +176,6 @@ def batch_settings(output_dir: Path, **overrides: Any) -> Settings:
         values["storage_url"] = f"file://{state / 'storage'}"
     values.update({key: value for key, value in overrides.items() if value is not None})
     return Settings(**values)
-
-
-def storage_from_settings(settings: Settings) -> Storage:
-    """The storage the settings name (a local folder or an S3 bucket, created if missing)."""
-    if settings.storage_url.startswith("file://"):
-        return storage_from_url(settings.storage_url)
-    return storage_from_url(
-        settings.storage_url,
-        endpoint_url=settings.s3_endpoint_url,
-        public_endpoint_url=settings.s3_public_endpoint_url,
-        region=settings.s3_region or "us-east-1",
-        access_key_id=settings.s3_access_key_id,
-        secret_access_key=settings.s3_secret_access_key,
-        create_bucket=True,
-    )
 
 
 def idempotency_key(manifest_bytes: bytes, overrides: dict[str, Any]) -> str:
@@ -384,7 +369,7 @@ def run_batch(
     engine = make_engine(settings.database_url)
     try:
         session_factory = make_session_factory(engine)
-        storage = storage_from_settings(settings)
+        storage = storage_from_settings(settings, create_bucket=True)
         storage.check()
         worker = f"xmgie-batch@{socket.gethostname()}:{os.getpid()}"
         key = idempotency_key(manifest_bytes, {"num_inference_steps": steps, "max_side": max_side})

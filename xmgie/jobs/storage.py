@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -28,6 +28,9 @@ SHA256_METADATA_KEY = "sha256"
 
 _CHUNK_SIZE = 1024 * 1024
 _PARTIAL_SUFFIX = ".partial"
+
+if TYPE_CHECKING:
+    from xmgie.jobs.settings import Settings
 
 
 class StorageError(Exception):
@@ -551,3 +554,16 @@ __all__ = [
     "validate_key",
     "validate_prefix",
 ]
+
+
+def storage_from_settings(settings: Settings, *, create_bucket: bool = False) -> Storage:
+    """The storage ``settings`` name: a local folder, or an S3 bucket (created when ``create_bucket``)."""
+    return storage_from_url(
+        settings.storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        public_endpoint_url=settings.s3_public_endpoint_url,
+        region=settings.s3_region or "us-east-1",
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+        create_bucket=create_bucket,
+    )

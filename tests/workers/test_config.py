@@ -1,0 +1,73 @@
+"""The Celery configuration, the dispatcher, the beat schedule and the commands, without worker processes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.workers.conftest import BROKER_URL
+from xmgie.cli import build_parser
+from xmgie.jobs.dispatch import EDIT_ITEMS_TASK, RECONCILE_TASK, micro_batches, visibility_timeout_seconds
+from xmgie.jobs.settings import Settings
+
+
+def test_the_app_follows_the_processing_rules():
+    from workers.celery_app import celery_app
+
+    conf = celery_app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] > Settings().lease_seconds
+    assert conf.task_routes[EDIT_ITEMS_TASK] == {"queue": "gpu"}
+    assert conf.task_routes[RECONCILE_TASK] == {"queue": "default"}
+    assert conf.beat_schedule["reconcile"]["task"] == RECONCILE_TASK
+    assert conf.beat_schedule["reconcile"]["schedule"] == 60.0
+
+
+def test_importing_the_tasks_loads_no_model():
+    import workers.tasks as tasks
+    from xmgie.jobs import editor
+
+    assert {EDIT_ITEMS_TASK, RECONCILE_TASK} <= set(tasks.celery_app.tasks)
+    assert tasks._resources is None and editor._PIPELINES == {}
+
+
+def test_micro_batches_and_visibility_timeout():
+    ids = [uuid.uuid4() for _ in range(5)]
+    assert micro_batches(ids, 2) == [[str(ids[0]), str(ids[1])], [str(ids[2]), str(ids[3])], [str(ids[4])]]
+    assert micro_batches([], 3) == []
+    assert visibility_timeout_seconds(2) == 60 and visibility_timeout_seconds(600) == 1200
+
+
+def test_noop_editor_is_chosen_by_the_environment(monkeypatch):
+    from workers.tasks import DelayedNoOpEditor, editor_from_environment
+    from xmgie.jobs.editor import LazyPipelineEditor
+
+    monkeypatch.setenv("XMGIE_EDITOR", "noop")
+    monkeypatch.setenv("XMGIE_NOOP_DELAY", "0.25")
+    editor = editor_from_environment(Settings())
+    assert isinstance(editor, DelayedNoOpEditor) and editor.delay == 0.25
+    monkeypatch.delenv("XMGIE_EDITOR")
+    assert isinstance(editor_from_environment(Settings()), LazyPipelineEditor)
+    monkeypatch.setenv("XMGIE_EDITOR", "other")
+    with pytest.raises(ValueError, match="XMGIE_EDITOR"):
+        editor_from_environment(Settings())
+
+
+def test_worker_and_beat_commands_parse():
+    args = build_parser().parse_args(["worker", "--queues", "gpu", "--concurrency", "2", "--pool", "prefork"])
+    assert (args.queues, args.concurrency, args.pool, args.editor) == ("gpu", 2, "prefork", None)
+    assert build_parser().parse_args(["worker", "--editor", "noop"]).editor == "noop"
+    assert build_parser().parse_args(["beat"]).command == "beat"
+
+
+def test_the_api_publishes_to_the_broker_when_one_is_set(tmp_path, redis_db):
+    from api.main import _publish_nothing, create_app
+
+    base = {"database_url": f"sqlite:///{tmp_path / 'api.db'}", "storage_url": (tmp_path / "storage").as_uri()}
+    assert create_app(Settings(**base)).state.dispatch is _publish_nothing
+    app = create_app(Settings(**base, broker_url=BROKER_URL, micro_batch_size=2))
+    app.state.dispatch([uuid.uuid4() for _ in range(3)])
+    assert redis_db.llen("gpu") == 2
+    app.state.engine.dispose()

@@ -1,0 +1,225 @@
+"""The worker tasks: ``xmgie.edit_items`` (queue ``gpu``) and ``xmgie.reconcile`` (queue ``default``).
+
+Each worker process creates its database engine, storage and editor on its first task (never at import, never in
+the parent of a fork); the model itself is loaded by the editor's first edit, once per process. The editor is the
+settings' model unless ``XMGIE_EDITOR=noop``: then items are copied unchanged, after ``XMGIE_NOOP_DELAY`` seconds
+per item (default 0), for queue benchmarks and tests of the job machinery only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from celery import Task
+from sqlalchemy import Engine
+
+from workers.celery_app import celery_app
+from xmgie.jobs import transitions
+from xmgie.jobs.db import make_engine, make_session_factory
+from xmgie.jobs.dispatch import EDIT_ITEMS_TASK, GPU_QUEUE, RECONCILE_TASK, micro_batches
+from xmgie.jobs.editor import Editor, EditRequest, EditResult, NoOpEditor, lazy_pipeline_editor
+from xmgie.jobs.models import utc_now
+from xmgie.jobs.processing import SessionFactory, process_items
+from xmgie.jobs.settings import Settings, get_settings
+from xmgie.jobs.statuses import ItemStatus
+from xmgie.jobs.storage import Storage, storage_from_settings
+
+logger = logging.getLogger(__name__)
+
+EDITOR_ENV = "XMGIE_EDITOR"
+"""``pipeline`` (default: the settings' model) or ``noop`` (no model; benchmarks and tests only)."""
+NOOP_DELAY_ENV = "XMGIE_NOOP_DELAY"
+"""Seconds the ``noop`` editor waits per item, to stand in for a slow model in tests."""
+RECONCILE_BATCH_LIMIT = 1000
+"""Items the reconciler looks at per run; the next run takes the rest."""
+
+
+class DelayedNoOpEditor(NoOpEditor):
+    """``NoOpEditor`` that first sleeps ``delay`` seconds per request (a stand-in for a slow model)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def edit(self, requests: list[EditRequest]) -> list[EditResult]:
+        """Sleep, then return the inputs unchanged."""
+        if self.delay > 0:
+            time.sleep(self.delay * len(requests))
+        return super().edit(requests)
+
+
+def editor_from_environment(settings: Settings) -> Editor:
+    """The editor ``XMGIE_EDITOR`` selects: the settings' model (lazily loaded) or the no-op editor."""
+    kind = os.environ.get(EDITOR_ENV, "pipeline").strip().lower()
+    if kind == "noop":
+        return DelayedNoOpEditor(float(os.environ.get(NOOP_DELAY_ENV, "0") or 0))
+    if kind != "pipeline":
+        raise ValueError(f"{EDITOR_ENV} must be 'pipeline' or 'noop', got {kind!r}")
+    return lazy_pipeline_editor(settings)
+
+
+@dataclass
+class Resources:
+    """What the tasks of one worker process share: created on its first task, kept until it exits."""
+
+    pid: int
+    settings: Settings
+    engine: Engine
+    session_factory: SessionFactory
+    storage: Storage
+    editor: Editor
+
+
+_resources: Resources | None = None
+_resources_lock = threading.Lock()
+
+
+def resources() -> Resources:
+    """This process' resources, created on first use (again in a forked child: nothing crosses a fork)."""
+    global _resources
+    pid = os.getpid()
+    with _resources_lock:
+        if _resources is None or _resources.pid != pid:
+            settings = get_settings()
+            engine = make_engine(settings.database_url)
+            _resources = Resources(
+                pid=pid,
+                settings=settings,
+                engine=engine,
+                session_factory=make_session_factory(engine),
+                storage=storage_from_settings(settings),
+                editor=editor_from_environment(settings),
+            )
+        return _resources
+
+
+def worker_id(hostname: str | None = None) -> str:
+    """The lease owner name of this process: the worker's host name and the process id."""
+    return f"{hostname or socket.gethostname()}:{os.getpid()}"
+
+
+def publish_edits(item_ids: Sequence[uuid.UUID | str], micro_batch_size: int) -> None:
+    """Publish ``xmgie.edit_items`` for ``item_ids`` on the ``gpu`` queue, in micro-batches."""
+    for batch in micro_batches(item_ids, micro_batch_size):
+        celery_app.send_task(EDIT_ITEMS_TASK, args=[batch], queue=GPU_QUEUE)
+
+
+@celery_app.task(name=EDIT_ITEMS_TASK, bind=True)
+def edit_items(self: Task, item_ids: list[str]) -> dict[str, int]:
+    """Process one micro-batch of items (claim, edit, store, record); items sent back to the queue are published
+    again at once. Returns the number of items per outcome status.
+    """
+    shared = resources()
+    outcomes = process_items(
+        session_factory=shared.session_factory,
+        storage=shared.storage,
+        editor=shared.editor,
+        item_ids=[uuid.UUID(str(item_id)) for item_id in item_ids],
+        worker=worker_id(self.request.hostname),
+        settings=shared.settings,
+    )
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    retried = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
+    if retried:
+        publish_edits(retried, shared.settings.micro_batch_size)
+    logger.info("edit_items %s: %s", item_ids, counts)
+    return counts
+
+
+@dataclass
+class ReconcileReport:
+    """What one reconciler run did."""
+
+    released: int = 0
+    """Running items with an expired lease put back in the queue."""
+    ended: int = 0
+    """Running items with an expired lease ended (failed with no attempts left, or canceled)."""
+    republished: int = 0
+    """Item ids published again (released ones and queued ones whose message may be lost)."""
+
+    def as_dict(self) -> dict[str, int]:
+        """The report as a plain dictionary."""
+        return {"released": self.released, "ended": self.ended, "republished": self.republished}
+
+
+def reconcile_items(
+    *,
+    session_factory: SessionFactory,
+    settings: Settings,
+    publish: Callable[[list[uuid.UUID]], None],
+    queued_after_seconds: float,
+    republish_queued: bool = True,
+    limit: int = RECONCILE_BATCH_LIMIT,
+) -> ReconcileReport:
+    """Release the running items whose lease expired and publish them again; publish the queued items older than
+    ``queued_after_seconds`` too unless ``republish_queued`` is false. Each release is its own transaction.
+    """
+    report = ReconcileReport()
+    now = utc_now()
+    with session_factory() as session, session.begin():
+        candidates = [
+            (item.id, item.status)
+            for item in transitions.items_to_reconcile(
+                session=session, now=now, queued_before=now - timedelta(seconds=queued_after_seconds), limit=limit
+            )
+        ]
+    to_publish: list[uuid.UUID] = []
+    for item_id, status in candidates:
+        if status == ItemStatus.RUNNING.value:
+            with session_factory() as session, session.begin():
+                item = transitions.release_expired_item(
+                    session=session, item_id=item_id, max_attempts=settings.max_attempts
+                )
+                new_status = None if item is None else item.status
+            if new_status == ItemStatus.QUEUED.value:
+                report.released += 1
+                to_publish.append(item_id)
+            elif new_status is not None:
+                report.ended += 1
+        elif republish_queued:
+            to_publish.append(item_id)
+    if to_publish:
+        publish(to_publish)
+    report.republished = len(to_publish)
+    return report
+
+
+def _gpu_queue_depth() -> int | None:
+    """Messages waiting on the ``gpu`` queue, or None when the broker cannot tell."""
+    try:
+        with celery_app.connection_for_read() as connection:
+            return int(connection.default_channel.queue_declare(queue=GPU_QUEUE, passive=True).message_count)
+    except Exception:  # noqa: BLE001 - an unknown depth only means queued items are published again
+        return None
+
+
+@celery_app.task(name=RECONCILE_TASK)
+def reconcile(queued_after_seconds: float | None = None) -> dict[str, Any]:
+    """Take back expired leases and publish again the queued items whose message may be lost.
+
+    Queued items count as possibly lost once older than ``queued_after_seconds`` (default: the lease duration)
+    and only while the ``gpu`` queue is empty, so a long backlog is not flooded with duplicates.
+    """
+    shared = resources()
+    settings = shared.settings
+    depth = _gpu_queue_depth()
+    report = reconcile_items(
+        session_factory=shared.session_factory,
+        settings=settings,
+        publish=lambda item_ids: publish_edits(item_ids, settings.micro_batch_size),
+        queued_after_seconds=settings.lease_seconds if queued_after_seconds is None else queued_after_seconds,
+        republish_queued=not depth,
+    )
+    logger.info("reconcile: %s (gpu queue depth %s)", report.as_dict(), depth)
+    return report.as_dict()
