@@ -45,6 +45,28 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
 INSTRUCTION = "make the cat wear a red hat"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MIB = 2**20
+SD15_UNET_LAYOUT = {
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+"""SD 1.5's InstructPix2Pix UNet layout (8 input channels); channels and depth are chosen per use."""
+SD15_UNET_CHANNELS = (320, 640, 1280, 1280)
+SD15_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+"""SD 1.5's VAE."""
 
 
 def source_image(size: int) -> PIL.Image.Image:
@@ -107,26 +129,11 @@ def build_real_shapes(
         edit_head = EditMapper()
         unet = UNet2DConditionModel(
             sample_size=64,
-            in_channels=8,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280) if full else (32, 64, 64, 64),
+            block_out_channels=SD15_UNET_CHANNELS if full else (32, 64, 64, 64),
             layers_per_block=2 if full else 1,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
+            **SD15_UNET_LAYOUT,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
     for module in (mllm, edit_head, unet, vae):
         module.to(device).eval()
     feature_extractor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})

@@ -50,7 +50,14 @@ from xmgie.editing.pipeline import XMGIEPipeline
 from xmgie.loading.tiny import IP2P_SCHEDULER_CONFIG, build_tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_edit import DTYPES, materialise_on, source_image  # noqa: E402
+from bench_edit import (  # noqa: E402
+    DTYPES,
+    SD15_UNET_CHANNELS,
+    SD15_UNET_LAYOUT,
+    SD15_VAE_CONFIG,
+    materialise_on,
+    source_image,
+)
 
 CONFIGS = ("ip2p", "ours_plain", "pfb", "pfb_sequential", "pfb_inversion", "cam", "ie", "gb", "all")
 TARGET = 1.35
@@ -61,18 +68,7 @@ IMAGE_EMBED_DIM = 1024  # CLIP ViT-H/14, as IP-Adapter for SD 1.5
 PROMPT_TOKENS = 77
 CROSS_ATTENTION_DIM = 768
 SEED = 0
-SD15_LAYOUT = {
-    "in_channels": 8,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "cross_attention_dim": CROSS_ATTENTION_DIM,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
 MID_UNET_CHANNELS = (64, 128, 256, 256)
-SD15_UNET_CHANNELS = (320, 640, 1280, 1280)
 
 
 @dataclass(frozen=True)
@@ -123,20 +119,12 @@ def build_models(
         unet = UNet2DConditionModel(
             sample_size=size // 8,
             block_out_channels=SD15_UNET_CHANNELS if real_shapes else MID_UNET_CHANNELS,
-            **SD15_LAYOUT,
+            layers_per_block=2,
+            norm_num_groups=32,
+            **SD15_UNET_LAYOUT,
         )
         if real_shapes:
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                latent_channels=4,
-                layers_per_block=2,
-                sample_size=512,
-                scaling_factor=0.18215,
-            )
+            vae = AutoencoderKL(**SD15_VAE_CONFIG)
         adapter = IdentityAdapter.from_unet(unet, image_embed_dim=IMAGE_EMBED_DIM)
     if not real_shapes:
         vae = build_tiny_pipeline().vae.to(device=device, dtype=dtype)
