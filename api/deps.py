@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from xmgie.jobs.auth import tenant_for_key
+from xmgie.jobs.dispatch import Publisher
 from xmgie.jobs.models import Tenant
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.storage import Storage
@@ -46,6 +47,11 @@ def get_dispatch(request: Request) -> Dispatch:
     return request.app.state.dispatch
 
 
+def get_publisher(request: Request) -> Publisher:
+    """The application's publisher of worker tasks (webhooks, schedule runs)."""
+    return request.app.state.publisher
+
+
 def get_current_tenant(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Tenant:
@@ -67,4 +73,5 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 DispatchDep = Annotated[Dispatch, Depends(get_dispatch)]
+PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

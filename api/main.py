@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from uuid import UUID
 
 from fastapi import FastAPI
 
@@ -16,27 +15,28 @@ from api.deps import Dispatch
 from api.errors import register_error_handlers
 from api.routes import health, jobs, uploads
 from xmgie.jobs.db import make_engine, make_session_factory
+from xmgie.jobs.dispatch import CeleryPublisher, NullPublisher, Publisher
 from xmgie.jobs.settings import Settings, get_settings
 from xmgie.jobs.storage import storage_from_settings
 
 
-def _publish_nothing(item_ids: list[UUID]) -> None:
-    """Default publisher: items stay queued for whoever reconciles the database."""
-
-
-def create_app(settings: Settings | None = None, dispatch: Dispatch | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, dispatch: Dispatch | None = None, publisher: Publisher | None = None
+) -> FastAPI:
     """The API application for ``settings`` (default: from the environment).
 
     ``dispatch(item_ids)`` publishes work for a newly created job's items; it is called after the job's transaction
     has committed, and a failure to publish is logged without failing the submission (the database stays the
-    source of truth; a reconciler re-publishes queued items). Default: ``xmgie.edit_items`` messages to the Celery
-    workers when ``settings.broker_url`` is set, else nothing.
+    source of truth; a reconciler re-publishes queued items). ``publisher`` sends the other tasks (webhooks,
+    schedule runs). Default for both: Celery messages to the workers when ``settings.broker_url`` is set, else
+    nothing.
     """
     settings = settings or get_settings()
-    if dispatch is None and settings.broker_url:
-        from xmgie.jobs.dispatch import celery_dispatcher
-
-        dispatch = celery_dispatcher(settings.broker_url, settings.micro_batch_size, settings.lease_seconds)
+    if publisher is None:
+        if settings.broker_url:
+            publisher = CeleryPublisher(settings.broker_url, settings.micro_batch_size, settings.lease_seconds)
+        else:
+            publisher = NullPublisher()
     engine = make_engine(settings.database_url)
 
     @asynccontextmanager
@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = storage_from_settings(settings)
-    app.state.dispatch = dispatch or _publish_nothing
+    app.state.publisher = publisher
+    app.state.dispatch = dispatch or publisher.edits
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(uploads.router, prefix="/v1")

@@ -73,6 +73,14 @@ class JobCounts(BaseModel):
     canceled: int
 
 
+class WebhookPublic(BaseModel):
+    """Delivery of the job's webhook once it has ended: ``pending``, ``delivered`` or ``failed``."""
+
+    status: str
+    attempts: int
+    error: str | None
+
+
 class JobPublic(BaseModel):
     """A job as clients see it."""
 
@@ -84,6 +92,7 @@ class JobPublic(BaseModel):
     options: dict[str, Any]
     idempotency_key: str | None
     webhook_url: str | None
+    webhook: WebhookPublic | None = Field(description="set once a job with a webhook_url has ended")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -102,6 +111,9 @@ class JobPublic(BaseModel):
             options=job.options or {},
             idempotency_key=job.idempotency_key,
             webhook_url=job.webhook_url,
+            webhook=WebhookPublic(status=job.webhook_status, attempts=job.webhook_attempts, error=job.webhook_error)
+            if job.webhook_status
+            else None,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

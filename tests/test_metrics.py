@@ -14,10 +14,10 @@ from conftest import gradient_image
 from PIL import Image
 from tokenizers import pre_tokenizers
 
+from xmgie.eval_arguments import add_eval_arguments
 from xmgie.metrics import (
     ClipEncoder,
     DinoEncoder,
-    add_eval_arguments,
     clip_i,
     clip_t,
     dino,

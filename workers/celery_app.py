@@ -32,7 +32,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_routes=TASK_ROUTES,
         task_serializer="json",
         accept_content=["json"],
-        beat_schedule=beat_schedule(),
+        beat_schedule=beat_schedule(settings),
         timezone="UTC",
         enable_utc=True,
     )

@@ -20,14 +20,21 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Task
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from workers.celery_app import celery_app
-from xmgie.jobs import transitions
+from xmgie.jobs import transitions, webhooks
 from xmgie.jobs.db import make_engine, make_session_factory
-from xmgie.jobs.dispatch import EDIT_ITEMS_TASK, GPU_QUEUE, RECONCILE_TASK, micro_batches
+from xmgie.jobs.dispatch import (
+    DEFAULT_QUEUE,
+    DELIVER_WEBHOOK_TASK,
+    EDIT_ITEMS_TASK,
+    GPU_QUEUE,
+    RECONCILE_TASK,
+    micro_batches,
+)
 from xmgie.jobs.editor import Editor, EditRequest, EditResult, NoOpEditor, lazy_pipeline_editor
-from xmgie.jobs.models import utc_now
+from xmgie.jobs.models import Job, utc_now
 from xmgie.jobs.processing import SessionFactory, process_items
 from xmgie.jobs.settings import Settings, get_settings
 from xmgie.jobs.statuses import ItemStatus
@@ -41,6 +48,8 @@ NOOP_DELAY_ENV = "XMGIE_NOOP_DELAY"
 """Seconds the ``noop`` editor waits per item, to stand in for a slow model in tests."""
 RECONCILE_BATCH_LIMIT = 1000
 """Items the reconciler looks at per run; the next run takes the rest."""
+STALE_WEBHOOK_SECONDS = 900.0
+"""A webhook pending this long without an attempt has lost its message: the reconciler publishes it again."""
 
 
 class DelayedNoOpEditor(NoOpEditor):
@@ -133,8 +142,34 @@ def edit_items(self: Task, item_ids: list[str]) -> dict[str, int]:
     retried = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
     if retried:
         publish_edits(retried, shared.settings.micro_batch_size)
+    job_ids = list({outcome.job_id for outcome in outcomes if outcome.job_id is not None})
+    with shared.session_factory() as session:
+        for job_id in webhooks.pending_webhooks_of(session=session, job_ids=job_ids):
+            publish_webhook(job_id)
     logger.info("edit_items %s: %s", item_ids, counts)
     return counts
+
+
+def publish_webhook(job_id: uuid.UUID, countdown: float | None = None) -> None:
+    """Publish one delivery attempt of the job's webhook on the ``default`` queue, after ``countdown`` seconds."""
+    deliver_webhook.apply_async(args=[str(job_id)], queue=DEFAULT_QUEUE, countdown=countdown)
+
+
+@celery_app.task(name=DELIVER_WEBHOOK_TASK)
+def deliver_webhook(job_id: str) -> str | None:
+    """One delivery attempt of a finished job's webhook; while it stays pending the next attempt is published with
+    a growing delay. A failure never changes the job; it is logged and kept on the job (``webhook_error``).
+    """
+    shared = resources()
+    status = webhooks.deliver_webhook(
+        session_factory=shared.session_factory, job_id=uuid.UUID(job_id), settings=shared.settings
+    )
+    if status == "pending":
+        with shared.session_factory() as session:
+            attempts = session.scalar(select(Job.webhook_attempts).where(Job.id == uuid.UUID(job_id))) or 0
+        publish_webhook(uuid.UUID(job_id), countdown=webhooks.retry_delay_seconds(attempts))
+    logger.info("deliver_webhook %s: %s", job_id, status)
+    return status
 
 
 @dataclass
@@ -147,10 +182,17 @@ class ReconcileReport:
     """Running items with an expired lease ended (failed with no attempts left, or canceled)."""
     republished: int = 0
     """Item ids published again (released ones and queued ones whose message may be lost)."""
+    webhooks: int = 0
+    """Pending webhooks whose delivery was published again."""
 
     def as_dict(self) -> dict[str, int]:
         """The report as a plain dictionary."""
-        return {"released": self.released, "ended": self.ended, "republished": self.republished}
+        return {
+            "released": self.released,
+            "ended": self.ended,
+            "republished": self.republished,
+            "webhooks": self.webhooks,
+        }
 
 
 def reconcile_items(
@@ -205,11 +247,14 @@ def _gpu_queue_depth() -> int | None:
 
 
 @celery_app.task(name=RECONCILE_TASK)
-def reconcile(queued_after_seconds: float | None = None) -> dict[str, Any]:
-    """Take back expired leases and publish again the queued items whose message may be lost.
+def reconcile(
+    queued_after_seconds: float | None = None, webhooks_after_seconds: float | None = None
+) -> dict[str, Any]:
+    """Take back expired leases and publish again the queued items and pending webhooks whose message may be lost.
 
     Queued items count as possibly lost once older than ``queued_after_seconds`` (default: the lease duration)
-    and only while the ``gpu`` queue is empty, so a long backlog is not flooded with duplicates.
+    and only while the ``gpu`` queue is empty, so a long backlog is not flooded with duplicates; pending webhooks
+    once untouched for ``webhooks_after_seconds`` (default ``STALE_WEBHOOK_SECONDS``).
     """
     shared = resources()
     settings = shared.settings
@@ -221,5 +266,13 @@ def reconcile(queued_after_seconds: float | None = None) -> dict[str, Any]:
         queued_after_seconds=settings.lease_seconds if queued_after_seconds is None else queued_after_seconds,
         republish_queued=not depth,
     )
+    with shared.session_factory() as session:
+        stale = webhooks.stale_pending_webhooks(
+            session=session,
+            older_than_seconds=STALE_WEBHOOK_SECONDS if webhooks_after_seconds is None else webhooks_after_seconds,
+        )
+    for job_id in stale:
+        publish_webhook(job_id)
+    report.webhooks = len(stale)
     logger.info("reconcile: %s (gpu queue depth %s)", report.as_dict(), depth)
     return report.as_dict()

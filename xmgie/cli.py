@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_SIDE,
         DEFAULT_STEPS,
     )
-    from xmgie.metrics import add_eval_arguments
+    from xmgie.eval_arguments import add_eval_arguments
 
     parser = argparse.ArgumentParser(prog="xmgie", description="MLLM-guided image editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float16", choices=list(DTYPES))
     _add_service_commands(commands)
     _add_worker_commands(commands)
+    _add_client_commands(commands)
     return parser
 
 
@@ -138,6 +139,39 @@ def _add_worker_commands(commands: argparse._SubParsersAction) -> None:
     beat = commands.add_parser("beat", help="run Celery beat: the reconciler every minute")
     beat.add_argument("--schedule-file", type=Path, help="beat's state file (default: <data_dir>/celerybeat-schedule)")
     beat.add_argument("--loglevel", default="INFO")
+
+
+def _add_client_commands(commands: argparse._SubParsersAction) -> None:
+    """``xmgie submit`` and ``xmgie status``: the client of a running job service (see ``xmgie.client``)."""
+    from xmgie.client import add_client_arguments
+
+    submit = commands.add_parser("submit", help="submit a manifest's job to the API; prints the job id")
+    submit.add_argument("manifest", type=Path, help="one JSON object per line, as for `xmgie batch`")
+    submit.add_argument("--output-dir", type=Path, help="with --wait: download the results and results.jsonl here")
+    submit.add_argument("--steps", type=int, help="denoising steps of items whose options do not set them")
+    submit.add_argument("--max-side", type=int, help="working long side of items whose options do not set it")
+    submit.add_argument(
+        "--idempotency-key", help="default: derived from the manifest, its input files and --steps/--max-side"
+    )
+    submit.add_argument("--webhook-url", help="URL the API calls when the job finishes")
+    add_client_arguments(submit)
+    status = commands.add_parser("status", help="print a job's status, counts and progress")
+    status.add_argument("job_id")
+    add_client_arguments(status)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    """``xmgie submit``: upload a manifest's inputs and submit its job (see ``xmgie.client``)."""
+    from xmgie.client import run_submit_command
+
+    return run_submit_command(args)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``xmgie status``: a job's status, counts and progress (see ``xmgie.client``)."""
+    from xmgie.client import run_status_command
+
+    return run_status_command(args)
 
 
 def _require_broker() -> None:
@@ -345,16 +379,22 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
+MODEL_COMMANDS = frozenset({"edit", "batch", "model", "eval"})
+"""Commands that load a model in this process; the others (API, workers, client) never import the model
+libraries up front, so they start in a couple of seconds."""
+
+
+def _quiet_libraries(command: str) -> None:
     """Keep the command's output to its own lines: no loading bars or library warnings."""
     import warnings
 
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if command in MODEL_COMMANDS:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    _quiet_libraries(args.command)
     from xmgie.editing.errors import EditInputError
     from xmgie.loading.directory import ModelDirectoryError
 
@@ -380,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_beat(args)
         if args.command == "batch":
             return run_batch(args)
+        if args.command == "submit":
+            return run_submit(args)
+        if args.command == "status":
+            return run_status(args)
         if args.command == "migrate":
             return run_migrate(args)
         if args.command == "eval":

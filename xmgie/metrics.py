@@ -18,7 +18,7 @@ outside the edit mask, i.e. how much of what should have been kept was kept) and
 :func:`identity_score` (cosine similarity of two identity embeddings computed elsewhere).
 
 :func:`evaluate_folder` applies all of them to folders of images paired by file stem, and
-:func:`add_eval_arguments` / :func:`run_eval` expose that on the command line.
+:func:`xmgie.eval_arguments.add_eval_arguments` / :func:`run_eval` expose that on the command line.
 """
 
 from __future__ import annotations
@@ -438,21 +438,6 @@ def _metric_order(name: str) -> tuple[int, str]:
 
 
 # --- command line ----------------------------------------------------------------------------------------------------
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of the evaluation command (see :func:`run_eval`) to ``parser``."""
-    parser.add_argument("--sources", type=Path, required=True, help="folder of source images")
-    parser.add_argument("--outputs", type=Path, required=True, help="folder of edited outputs (paired by file stem)")
-    parser.add_argument("--targets", type=Path, help="folder of ground-truth target images (L1, L2, CLIP-I, DINO)")
-    parser.add_argument(
-        "--captions", type=Path, help='target captions: JSON lines {"id": "0001", "caption": "..."} (CLIP-T)'
-    )
-    parser.add_argument("--masks", type=Path, help="folder of edit masks, white = edited (preservation outside)")
-    parser.add_argument("--clip", type=Path, help="local CLIP model directory (CLIP-I, CLIP-T, source similarity)")
-    parser.add_argument("--dino", type=Path, help="local DINO ViT directory, e.g. dino-vits16 (DINO)")
-    parser.add_argument("--device", default="cpu", help="device of the encoders: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--json", type=Path, help="write every per-item figure to this JSON file")
 
 
 def _json_safe(value: Any) -> Any:

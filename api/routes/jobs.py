@@ -11,12 +11,13 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, DispatchDep, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, DispatchDep, PublisherDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import ErrorResponse, ItemPublic, ItemsPublic, JobCreate, JobPublic, ManifestPublic
 from api.submissions import item_specs
+from xmgie.jobs.dispatch import DELIVER_WEBHOOK_TASK
 from xmgie.jobs.exceptions import NoSuchJobError
 from xmgie.jobs.models import Item, Job
-from xmgie.jobs.statuses import ItemStatus, JobStatus
+from xmgie.jobs.statuses import ItemStatus, JobStatus, WebhookStatus
 from xmgie.jobs.storage import Storage, manifest_key
 from xmgie.jobs.transitions import cancel_job, create_job
 
@@ -119,10 +120,15 @@ def list_items(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={409: {"model": ErrorResponse}})
-def cancel(job_id: UUID, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+def cancel(job_id: UUID, session: SessionDep, tenant: CurrentTenant, publisher: PublisherDep) -> JobPublic:
     """Cancel a job: queued items end canceled now, running ones when their worker notices; 409 once finished."""
     job = cancel_job(session=session, job_id=job_id, tenant_id=tenant.id)
     session.commit()
+    if job.webhook_status == WebhookStatus.PENDING.value:
+        try:
+            publisher.send(DELIVER_WEBHOOK_TASK, [str(job.id)])
+        except Exception:
+            logger.exception("publishing the webhook of job %s failed; the reconciler sends it later", job.id)
     return JobPublic.from_job(job)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile, status
+from fastapi import APIRouter, File, Form, UploadFile, status
 
 from api.deps import CurrentTenant, SettingsDep, StorageDep
 from api.schemas import ErrorResponse, UploadPublic
@@ -23,8 +23,13 @@ def create_upload(
     tenant: CurrentTenant,
     storage: StorageDep,
     settings: SettingsDep,
+    path: Annotated[
+        str | None,
+        Form(description="store at this relative path of the tenant's data space (data/<tenant>/<path>)"),
+    ] = None,
 ) -> UploadPublic:
-    """Store an image after checking its size, format and pixel count; returns the reference to use in jobs."""
+    """Store an image after checking its size, format and pixel count; returns the reference to use in jobs and
+    schedules. With ``path`` it goes to the tenant's data space (e.g. a schedule's source prefix)."""
     data = file.file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise UploadTooLargeError(len(data), settings.max_upload_bytes)
@@ -34,5 +39,6 @@ def create_upload(
         data=data,
         max_bytes=settings.max_upload_bytes,
         max_pixels=settings.max_image_pixels,
+        path=path,
     )
     return UploadPublic(**asdict(stored))

@@ -265,3 +265,35 @@ def test_readiness_names_an_unreachable_broker(settings: Settings) -> None:
     assert response.status_code == 503
     assert response.json()["checks"]["broker"].startswith("error")
     assert "broker" in response.json()["error"]["message"]
+
+
+def test_uploads_with_a_path_go_to_the_tenants_data_space(
+    client: TestClient, auth: dict[str, str], new_key, settings: Settings
+) -> None:
+    response = client.post(
+        "/v1/uploads",
+        headers=auth,
+        data={"path": "photos/cat.png"},
+        files={"file": ("c.png", png_bytes(), "image/png")},
+    )
+    assert response.status_code == 201, response.text
+    reference = response.json()["reference"]
+    tenant = reference.split("/")[1]
+    assert reference == f"data/{tenant}/photos/cat.png"
+    assert (settings.data_dir / "storage" / reference).read_bytes() == png_bytes()
+
+    job = submit(client, auth, reference)
+    assert job.status_code == 202, job.text
+    assert client.get(f"/v1/jobs/{job.json()['id']}/items", headers=auth).json()["data"][0]["image"] == reference
+
+    other = new_key()
+    refused = submit(client, other, reference)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_upload"
+    missing = submit(client, auth, f"data/{tenant}/photos/dog.png")
+    assert missing.status_code == 422 and missing.json()["error"]["code"] == "unknown_upload"
+    for bad_path in ("../escape.png", "/abs.png", "a//b.png", "folder/"):
+        response = client.post(
+            "/v1/uploads", headers=auth, data={"path": bad_path}, files={"file": ("c.png", png_bytes(), "image/png")}
+        )
+        assert response.status_code == 422, bad_path
+        assert response.json()["error"]["code"] == "invalid_path"

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -16,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.services import S3_CREDENTIALS, free_port, moto_server
 from xmgie.jobs.storage import (
     InvalidKeyError,
     LocalStorage,
@@ -30,44 +27,14 @@ from xmgie.jobs.storage import (
     upload_key,
 )
 
-CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CREDENTIALS = S3_CREDENTIALS
 
 
 @pytest.fixture(scope="module")
 def moto_port() -> Iterator[int]:
     """Port of a moto S3 server running as its own process on 127.0.0.1 for this module."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"moto server exited with code {process.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail("moto server did not answer within 20 s")
-                time.sleep(0.05)
+    with moto_server() as port:
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _s3(port: int, **kwargs) -> S3Storage:
@@ -237,7 +204,7 @@ def test_s3_presigned_url_without_public_endpoint_uses_the_internal_one(moto_por
 
 
 def test_s3_check_raises_when_nothing_listens() -> None:
-    store = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{_free_port()}", **CREDENTIALS)
+    store = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", **CREDENTIALS)
     with pytest.raises(StorageUnavailableError):
         store.check()
 

@@ -122,12 +122,14 @@ class WorkerStarter:
     base_env: dict[str, str]
     started: list[WorkerProcess] = field(default_factory=list)
 
-    def __call__(self, *args: str, **env: str) -> WorkerProcess:
-        log_path = self.tmp_path / f"worker-{len(self.started)}.log"
+    def __call__(self, *args: str, command: str = "worker", **env: str) -> WorkerProcess:
+        """Start ``xmgie <command> --loglevel=INFO *args`` (``worker`` or ``beat``) with the base environment and
+        ``env``."""
+        log_path = self.tmp_path / f"{command}-{len(self.started)}.log"
         environment = {**self.base_env, **env}
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "xmgie.cli", "worker", "--loglevel=INFO", *args],
+                [sys.executable, "-m", "xmgie.cli", command, "--loglevel=INFO", *args],
                 cwd=REPO_ROOT,
                 env=environment,
                 stdout=log,

@@ -8,7 +8,13 @@ import pytest
 
 from tests.workers.conftest import BROKER_URL
 from xmgie.cli import build_parser
-from xmgie.jobs.dispatch import EDIT_ITEMS_TASK, RECONCILE_TASK, micro_batches, visibility_timeout_seconds
+from xmgie.jobs.dispatch import (
+    DELIVER_WEBHOOK_TASK,
+    EDIT_ITEMS_TASK,
+    RECONCILE_TASK,
+    micro_batches,
+    visibility_timeout_seconds,
+)
 from xmgie.jobs.settings import Settings
 
 
@@ -22,14 +28,15 @@ def test_the_app_follows_the_processing_rules():
     assert conf.task_routes[EDIT_ITEMS_TASK] == {"queue": "gpu"}
     assert conf.task_routes[RECONCILE_TASK] == {"queue": "default"}
     assert conf.beat_schedule["reconcile"]["task"] == RECONCILE_TASK
-    assert conf.beat_schedule["reconcile"]["schedule"] == 60.0
+    assert conf.beat_schedule["reconcile"]["schedule"] == Settings().reconcile_seconds == 60.0
+    assert conf.beat_schedule["dispatch-schedules"]["schedule"] == Settings().schedule_tick_seconds
 
 
 def test_importing_the_tasks_loads_no_model():
     import workers.tasks as tasks
     from xmgie.jobs import editor
 
-    assert {EDIT_ITEMS_TASK, RECONCILE_TASK} <= set(tasks.celery_app.tasks)
+    assert {EDIT_ITEMS_TASK, RECONCILE_TASK, DELIVER_WEBHOOK_TASK} <= set(tasks.celery_app.tasks)
     assert tasks._resources is None and editor._PIPELINES == {}
 
 
@@ -63,11 +70,18 @@ def test_worker_and_beat_commands_parse():
 
 
 def test_the_api_publishes_to_the_broker_when_one_is_set(tmp_path, redis_db):
-    from api.main import _publish_nothing, create_app
+    from api.main import create_app
+    from xmgie.jobs.dispatch import DELIVER_WEBHOOK_TASK, NullPublisher
 
     base = {"database_url": f"sqlite:///{tmp_path / 'api.db'}", "storage_url": (tmp_path / "storage").as_uri()}
-    assert create_app(Settings(**base)).state.dispatch is _publish_nothing
+    quiet = create_app(Settings(**base))
+    assert isinstance(quiet.state.publisher, NullPublisher)
+    quiet.state.dispatch([uuid.uuid4()])
+    assert redis_db.llen("gpu") == 0
+    quiet.state.engine.dispose()
     app = create_app(Settings(**base, broker_url=BROKER_URL, micro_batch_size=2))
     app.state.dispatch([uuid.uuid4() for _ in range(3)])
     assert redis_db.llen("gpu") == 2
+    app.state.publisher.send(DELIVER_WEBHOOK_TASK, [str(uuid.uuid4())])
+    assert redis_db.llen("default") == 1
     app.state.engine.dispose()

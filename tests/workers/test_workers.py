@@ -12,6 +12,7 @@ from pathlib import Path
 from celery import Celery
 
 from tests.workers.conftest import BROKER_URL, items_of, job_of, make_job, wait_for
+from xmgie.jobs import transitions
 from xmgie.jobs.dispatch import DEFAULT_QUEUE, EDIT_ITEMS_TASK, RECONCILE_TASK, celery_dispatcher
 from xmgie.jobs.storage import LocalStorage
 
@@ -129,3 +130,73 @@ def test_a_worker_edits_with_the_tiny_model(session_factory, storage, storage_di
     items = items_of(session_factory, job_id)
     assert all(item.expressive_instruction is not None for item in items)
     assert all(item.timings["batch_size"] == 2.0 for item in items)
+
+
+def _cancel(session_factory, job_id: uuid.UUID) -> datetime:
+    """Cancel the job through the transition the API uses; the commit time of the cancel."""
+    with session_factory() as session, session.begin():
+        job = transitions.cancel_job(session=session, job_id=job_id)
+        return job.cancel_requested_at
+
+
+def _drained(redis_db, worker, expected_calls: int):
+    """A condition: the gpu queue is empty and the worker logged ``expected_calls`` finished edit_items calls."""
+    return lambda: redis_db.llen("gpu") == 0 and worker.log().count("edit_items [") >= expected_calls
+
+
+def test_cancel_while_queued_starts_no_item(session_factory, storage, storage_dir, start_worker, redis_db):
+    job_id, item_ids = make_job(session_factory, storage, 4)
+    celery_dispatcher(BROKER_URL, micro_batch_size=2)(item_ids)
+    _cancel(session_factory, job_id)
+    worker = start_worker("--pool=solo")
+
+    wait_for(_drained(redis_db, worker, 2), "both messages to be consumed", [worker])
+
+    items = items_of(session_factory, job_id)
+    assert [(item.status, item.attempts, item.started_at) for item in items] == [("canceled", 0, None)] * 4
+    assert _outputs(storage_dir, job_id) == []
+    assert "'skipped': 2" in worker.log()
+    job = job_of(session_factory, job_id)
+    assert job.status == "canceled" and job.canceled_count == 4
+
+
+def test_cancel_while_running_starts_no_item_after_the_cancel(
+    session_factory, storage, storage_dir, start_worker, redis_db
+):
+    job_id, item_ids = make_job(session_factory, storage, 5)
+    celery_dispatcher(BROKER_URL, micro_batch_size=1)(item_ids)
+    worker = start_worker("--pool=solo", XMGIE_NOOP_DELAY="1.5")
+    wait_for(lambda: items_of(session_factory, job_id)[1].status == "running", "the second item to run", [worker])
+
+    canceled_at = _cancel(session_factory, job_id)
+    wait_for(lambda: job_of(session_factory, job_id).status == "canceled", "the job to end canceled", [worker])
+    wait_for(_drained(redis_db, worker, 5), "every message to be consumed", [worker])
+
+    items = items_of(session_factory, job_id)
+    assert all(item.started_at is None or item.started_at < canceled_at for item in items)
+    assert items[0].status == "succeeded"
+    # The item running at the cancel finishes (or is canceled, if its worker had not yet started the edit).
+    assert items[1].status in ("succeeded", "canceled") and items[1].attempts == 1
+    assert [(item.status, item.attempts) for item in items[2:]] == [("canceled", 0)] * 3
+    succeeded = [f"{item.index}.png" for item in items if item.status == "succeeded"]
+    assert [path.name for path in _outputs(storage_dir, job_id)] == succeeded
+    job = job_of(session_factory, job_id)
+    assert (job.succeeded_count + job.canceled_count, job.running_count, job.queued_count) == (5, 0, 0)
+
+
+def test_beat_reconciles_items_whose_message_was_lost(
+    session_factory, storage, storage_dir, start_worker, redis_db, tmp_path
+):
+    # The rows are committed but no message was ever published (say, the API died right after its commit).
+    job_id, _ = make_job(session_factory, storage, 3)
+    assert redis_db.llen("gpu") == 0
+    timing = {"XMGIE_LEASE_SECONDS": "2", "XMGIE_RECONCILE_SECONDS": "1"}
+    worker = start_worker("--pool=solo", **timing)
+    beat = start_worker("--schedule-file", str(tmp_path / "beat-schedule"), command="beat", **timing)
+
+    wait_for(_all_succeeded(session_factory, job_id), "the lost items to be published again", [worker, beat])
+
+    _assert_outputs_match(session_factory, storage, storage_dir, job_id)
+    assert all(item.attempts == 1 for item in items_of(session_factory, job_id))
+    assert "Sending due task reconcile (xmgie.reconcile)" in beat.log()
+    assert re.search(r"reconcile: \{'released': 0, 'ended': 0, 'republished': 3", worker.log())

@@ -30,13 +30,15 @@ import os
 import struct
 from fractions import Fraction
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from xmgie.editing.errors import EditInputError
+
+if TYPE_CHECKING:
+    import torch
 
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
 
@@ -173,6 +175,8 @@ def check_instruction(text: str | None) -> str:
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 tensor in [-1, 1] of an image; non-RGB images are converted as by :func:`load_image`."""
+    import torch
+
     pixels = np.asarray(_to_rgb(image), dtype=np.uint8)
     tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).to(torch.float32)
     return tensor / 255.0 * 2.0 - 1.0
@@ -186,6 +190,8 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
     """
     if t.ndim != 3 or t.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
+    import torch
+
     unit = (t.detach().to("cpu", torch.float32) / 2 + 0.5).clamp(0, 1)
     pixels = (unit * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(pixels)
@@ -199,6 +205,8 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     """
     if mask.mode != "L":
         raise ValueError(f"expected a mode L mask, got mode {mask.mode}; load it with load_mask")
+    import torch
+
     pixels = np.asarray(mask, dtype=np.uint8)
     return torch.from_numpy(pixels.copy()).to(torch.float32).div_(255.0).unsqueeze(0)
 

@@ -7,13 +7,19 @@ message is harmless: the reconciler publishes again, ``claim_item`` lets one del
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 EDIT_ITEMS_TASK = "xmgie.edit_items"
 """Edits a micro-batch of items: one argument, the list of item ids as strings."""
 RECONCILE_TASK = "xmgie.reconcile"
 """Takes back expired leases and publishes queued items whose message may be lost."""
+DELIVER_WEBHOOK_TASK = "xmgie.deliver_webhook"
+"""Makes one delivery attempt of a finished job's webhook: one argument, the job id as a string."""
+DISPATCH_SCHEDULES_TASK = "xmgie.dispatch_schedules"
+"""Finds the schedules with a due slot and creates one run per slot."""
+START_RUN_TASK = "xmgie.start_run"
+"""Lists a run's source and creates its job: one argument, the run id as a string."""
 GPU_QUEUE = "gpu"
 """The queue of edits, consumed by the model workers."""
 DEFAULT_QUEUE = "default"
@@ -21,6 +27,9 @@ DEFAULT_QUEUE = "default"
 TASK_ROUTES: dict[str, dict[str, str]] = {
     EDIT_ITEMS_TASK: {"queue": GPU_QUEUE},
     RECONCILE_TASK: {"queue": DEFAULT_QUEUE},
+    DELIVER_WEBHOOK_TASK: {"queue": DEFAULT_QUEUE},
+    DISPATCH_SCHEDULES_TASK: {"queue": DEFAULT_QUEUE},
+    START_RUN_TASK: {"queue": DEFAULT_QUEUE},
 }
 MIN_VISIBILITY_TIMEOUT_SECONDS = 60
 
@@ -41,29 +50,55 @@ def micro_batches(item_ids: Iterable[UUID | str], size: int) -> list[list[str]]:
     return [ids[start : start + size] for start in range(0, len(ids), size)]
 
 
+class Publisher(Protocol):
+    """Publishes work for the workers; call it only after the rows the work refers to are committed."""
+
+    def edits(self, item_ids: Sequence[UUID]) -> None:
+        """Publish edits of the items, in micro-batches."""
+
+    def send(self, task_name: str, args: Sequence[Any] = ()) -> None:
+        """Publish one task by name, on the queue ``TASK_ROUTES`` gives it."""
+
+
+class NullPublisher:
+    """Publishes nothing: the work stays in the database for whoever reconciles it (no broker configured)."""
+
+    def edits(self, item_ids: Sequence[UUID]) -> None:
+        """Do nothing."""
+
+    def send(self, task_name: str, args: Sequence[Any] = ()) -> None:
+        """Do nothing."""
+
+
+class CeleryPublisher:
+    """Publishes tasks by name to the workers' broker; the Celery client connects on the first publish."""
+
+    def __init__(self, broker_url: str, micro_batch_size: int = 1, lease_seconds: int = 600) -> None:
+        from celery import Celery
+
+        self.micro_batch_size = micro_batch_size
+        self.client = Celery("xmgie-dispatch", broker=broker_url, set_as_current=False)
+        self.client.conf.update(
+            task_routes=TASK_ROUTES,
+            broker_transport_options={"visibility_timeout": visibility_timeout_seconds(lease_seconds)},
+            broker_connection_retry_on_startup=True,
+        )
+
+    def edits(self, item_ids: Sequence[UUID]) -> None:
+        """Publish ``xmgie.edit_items`` for the items in micro-batches of ``micro_batch_size``."""
+        for batch in micro_batches(item_ids, self.micro_batch_size):
+            send(self.client, batch)
+
+    def send(self, task_name: str, args: Sequence[Any] = ()) -> None:
+        """Publish ``task_name`` with ``args`` on its queue."""
+        self.client.send_task(task_name, args=list(args), queue=TASK_ROUTES[task_name]["queue"])
+
+
 def celery_dispatcher(
     broker_url: str, micro_batch_size: int = 1, lease_seconds: int = 600
 ) -> Callable[[Sequence[UUID]], None]:
-    """A ``dispatch(item_ids)`` publishing ``xmgie.edit_items`` messages to the ``gpu`` queue of ``broker_url``.
-
-    Call it only after the items' rows are committed. The Celery client is created here, once, and connects on
-    the first publish.
-    """
-    from celery import Celery
-
-    client = Celery("xmgie-dispatch", broker=broker_url, set_as_current=False)
-    client.conf.update(
-        task_routes=TASK_ROUTES,
-        broker_transport_options={"visibility_timeout": visibility_timeout_seconds(lease_seconds)},
-        broker_connection_retry_on_startup=True,
-    )
-
-    def dispatch(item_ids: Sequence[UUID]) -> None:
-        """Publish the items in micro-batches of ``micro_batch_size``."""
-        for batch in micro_batches(item_ids, micro_batch_size):
-            send(client, batch)
-
-    return dispatch
+    """A ``dispatch(item_ids)`` publishing ``xmgie.edit_items`` messages to the ``gpu`` queue of ``broker_url``."""
+    return CeleryPublisher(broker_url, micro_batch_size, lease_seconds).edits
 
 
 def send(client: Any, batch: list[str]) -> None:

@@ -119,6 +119,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    """``pending`` once the job ended with a webhook to call, then ``delivered`` or ``failed``."""
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_error: Mapped[str | None] = mapped_column(Text)
 
     items: Mapped[list[Item]] = relationship(back_populates="job", order_by="Item.index", passive_deletes=True)
 
@@ -173,32 +177,86 @@ class Item(Base):
 
 
 class Schedule(Base):
-    """A recurring dataset augmentation: on each cron slot, edit the dataset's new images with its instructions."""
+    """A recurring dataset augmentation: on each slot, edit the source's images not yet augmented under its
+    current instructions, and publish the results as a dataset under ``target_prefix``.
+
+    A schedule fires on a cron expression (``cron``, in ``timezone``) or every ``interval_seconds``; exactly one of
+    the two is set. ``last_slot`` is the latest slot fired, so a slot fires once and missed slots fire only once.
+    The source is a prefix of the tenant's storage space (``source_prefix``) or a fixed list of image references
+    (``source_keys``). ``instructions`` is a list of ``{"instruction": str, "options": {...}}``.
+    """
 
     __tablename__ = "schedules"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    cron: Mapped[str] = mapped_column(String(100))
-    source_prefix: Mapped[str] = mapped_column(String(1024))
-    output_prefix: Mapped[str] = mapped_column(String(1024))
-    instructions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cron: Mapped[str | None] = mapped_column(String(100))
+    interval_seconds: Mapped[int | None] = mapped_column(Integer)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    source_prefix: Mapped[str | None] = mapped_column(String(1024))
+    source_keys: Mapped[list[str] | None] = mapped_column(JSON)
+    instructions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    variants: Mapped[int] = mapped_column(Integer, default=1)
+    target_prefix: Mapped[str] = mapped_column(String(1024))
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_slot: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
 
 
 class Run(Base):
-    """One firing of a schedule for one slot (unique per schedule and slot, so a slot never fires twice)."""
+    """One firing of a schedule for one slot (unique per schedule and slot, so a slot never fires twice).
+
+    ``fingerprint`` identifies the instructions, variants and options the run used: images already augmented under
+    the same fingerprint are not edited again. ``status`` follows the run's job once it has one; a run with nothing
+    new to edit ends ``succeeded`` with no job. ``published_at`` is set once the dataset manifest includes the run.
+    """
 
     __tablename__ = "runs"
-    __table_args__ = (UniqueConstraint("schedule_id", "slot"),)
+    __table_args__ = (UniqueConstraint("schedule_id", "slot"), Index(None, "schedule_id", "created_at"))
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
     slot: Mapped[datetime] = mapped_column(UTCDateTime)
+    trigger: Mapped[str] = mapped_column(String(16), default="schedule")
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+    item_count: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Augmentation(Base):
+    """One planned output of a run: a source image edited by one instruction of the schedule, one variant.
+
+    Its item holds the edit; ``file_name`` is where the result goes, relative to the schedule's target prefix.
+    """
+
+    __tablename__ = "augmentations"
+    __table_args__ = (
+        Index(None, "schedule_id", "fingerprint", "source_key"),
+        UniqueConstraint("run_id", "source_key", "instruction_index", "variant"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("items.id", ondelete="SET NULL"))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    source_key: Mapped[str] = mapped_column(String(1024))
+    instruction_index: Mapped[int] = mapped_column(Integer)
+    instruction: Mapped[str] = mapped_column(Text)
+    variant: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    file_name: Mapped[str] = mapped_column(String(1024))

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=600, gt=0)
     micro_batch_size: int = Field(default=1, gt=0)
 
+    # Periodic work (``xmgie beat``) and webhooks.
+    reconcile_seconds: float = Field(default=60.0, gt=0)
+    schedule_tick_seconds: float = Field(default=30.0, gt=0)
+    webhook_secret: str | None = None
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, gt=0)
+
     @field_validator("data_dir", "model_cache_dir")
     @classmethod
     def _expand_home(cls, value: Path | None) -> Path | None:

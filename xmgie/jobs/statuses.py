@@ -64,3 +64,12 @@ def derive_job_status(counts: Mapping[ItemStatus | str, int], *, cancel_requeste
     if failed:
         return JobStatus.PARTIAL
     return JobStatus.SUCCEEDED
+
+
+class WebhookStatus(StrEnum):
+    """Delivery of a finished job's webhook: ``pending`` until a 2xx answer (``delivered``) or the last attempt
+    (``failed``)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"

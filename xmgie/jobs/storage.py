@@ -78,6 +78,17 @@ def upload_key(tenant_id: object, upload_id: object, suffix: str) -> str:
     return f"uploads/{_segment(tenant_id, 'tenant_id')}/{_segment(upload_id, 'upload_id')}{suffix}"
 
 
+def data_prefix(tenant_id: object) -> str:
+    """The tenant's data space, ``data/<tenant>/``: images a tenant keeps (uploaded with a path, or written there
+    by the operator's own tools) and the datasets its schedules publish."""
+    return f"data/{_segment(tenant_id, 'tenant_id')}/"
+
+
+def data_key(tenant_id: object, path: str) -> str:
+    """Key of ``path`` (relative, ``/``-separated) in the tenant's data space; ``InvalidKeyError`` if unsafe."""
+    return data_prefix(tenant_id) + validate_key(path)
+
+
 def _segment(value: object, name: str) -> str:
     text = str(value)
     if not text or text in {".", ".."} or "/" in text or "\\" in text or "\x00" in text:

@@ -32,7 +32,7 @@ from xmgie.jobs.exceptions import (
 )
 from xmgie.jobs.models import Item, Job, utc_now
 from xmgie.jobs.settings import get_settings
-from xmgie.jobs.statuses import ItemStatus, JobStatus, derive_job_status
+from xmgie.jobs.statuses import ItemStatus, JobStatus, WebhookStatus, derive_job_status
 
 LEASE_EXPIRED_CODE = "lease_expired"
 """Error code of an item whose worker vanished (lease expired) on its last allowed attempt."""
@@ -105,6 +105,9 @@ def _refresh_job_status(session: Session, job: Job, now: datetime) -> None:
     job.status = status.value
     if status.is_terminal() and job.finished_at is None:
         job.finished_at = now
+        if job.webhook_url and job.webhook_status is None:
+            # Recorded with the transition that ended the job: the delivery survives any crash after the commit.
+            job.webhook_status = WebhookStatus.PENDING.value
     session.flush()
 
 

@@ -1,9 +1,11 @@
 """Uploaded input images: checked before they are stored, and resolved when a job refers to them.
 
-An upload's *reference* is its storage key, ``uploads/<tenant>/<upload id><suffix>`` (see
-:func:`xmgie.jobs.storage.upload_key`): a job stores it as the item's input key, so workers read the bytes
-without any lookup. The tenant in the key is what makes an upload usable by its owner only. The original bytes are
-kept as sent (no re-encoding), under the suffix of the format Pillow recognised.
+A *reference* is a storage key in the tenant's own space: ``uploads/<tenant>/<upload id><suffix>`` for an
+upload (see :func:`xmgie.jobs.storage.upload_key`), or ``data/<tenant>/<path>`` for an image in the tenant's data
+space (uploaded with a ``path``, or written there directly with the operator's S3 tools — such images are only
+checked when a worker reads them). A job stores the reference as the item's input key, so workers read the bytes
+without any lookup. The tenant in the key is what makes it usable by its owner only. The original bytes are kept
+as sent (no re-encoding); an upload without a path gets the suffix of the format Pillow recognised.
 
 Rejections are :class:`~xmgie.editing.errors.EditInputError` with a stable code: ``upload_too_large`` (more bytes
 than allowed), ``image_too_large`` (more pixels than allowed), the codes of
@@ -23,7 +25,7 @@ from PIL import Image
 
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import load_image
-from xmgie.jobs.storage import Storage, upload_key
+from xmgie.jobs.storage import InvalidKeyError, Storage, data_key, data_prefix, upload_key, validate_key
 
 _SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tiff", "BMP": ".bmp", "GIF": ".gif"}
 _REFERENCE = re.compile(r"uploads/(?P<tenant>[0-9a-f-]{36})/(?P<upload>[0-9a-f-]{36})\.[a-z0-9]{1,8}")
@@ -37,10 +39,10 @@ class UploadTooLargeError(EditInputError):
 
 
 class UnknownUploadError(EditInputError):
-    """A job refers to something that is not an existing upload of its tenant."""
+    """A job refers to something that is not an existing upload or data-space image of its tenant."""
 
     def __init__(self, reference: str) -> None:
-        super().__init__("unknown_upload", f"{reference!r} is not an upload of this tenant")
+        super().__init__("unknown_upload", f"{reference!r} is not an upload or data-space image of this tenant")
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,28 @@ def inspect_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
 
 
 def store_upload(
-    *, storage: Storage, tenant_id: uuid.UUID, data: bytes, max_bytes: int, max_pixels: int
+    *,
+    storage: Storage,
+    tenant_id: uuid.UUID,
+    data: bytes,
+    max_bytes: int,
+    max_pixels: int,
+    path: str | None = None,
 ) -> StoredUpload:
-    """Check ``data`` (size, format, pixel count) and store it as a new upload of the tenant."""
+    """Check ``data`` (size, format, pixel count) and store it as a new upload of the tenant, or at ``path`` in the
+    tenant's data space (replacing what was there) when a path is given.
+    """
     check_upload_size(len(data), max_bytes=max_bytes)
+    if path is not None:
+        try:
+            key = data_key(tenant_id, path)
+        except InvalidKeyError as error:
+            raise EditInputError("invalid_path", f"path {path!r} is not a safe relative path: {error}") from None
     image_format, width, height = inspect_image(data, max_pixels=max_pixels)
     upload_id = uuid.uuid4()
-    suffix = _SUFFIXES.get(image_format, f".{image_format.lower()}")
-    key = upload_key(tenant_id, upload_id, suffix)
+    if path is None:
+        suffix = _SUFFIXES.get(image_format, f".{image_format.lower()}")
+        key = upload_key(tenant_id, upload_id, suffix)
     content_type = Image.MIME.get(image_format, "application/octet-stream")
     sha256 = storage.put_bytes(key, data, content_type=content_type)
     return StoredUpload(
@@ -107,9 +123,24 @@ def store_upload(
     )
 
 
-def resolve_upload(*, storage: Storage, tenant_id: uuid.UUID, reference: str) -> str:
-    """The storage key of the tenant's upload ``reference``; :class:`UnknownUploadError` if there is none."""
+def in_tenant_space(reference: str, tenant_id: uuid.UUID) -> bool:
+    """Whether ``reference`` is a well-formed upload key or data-space key of the tenant (existing or not)."""
     match = _REFERENCE.fullmatch(reference or "")
-    if match is None or match["tenant"] != str(tenant_id) or not storage.exists(reference):
+    if match is not None:
+        return match["tenant"] == str(tenant_id)
+    prefix = data_prefix(tenant_id)
+    if not (reference or "").startswith(prefix):
+        return False
+    try:
+        validate_key(reference)
+    except InvalidKeyError:
+        return False
+    return True
+
+
+def resolve_upload(*, storage: Storage, tenant_id: uuid.UUID, reference: str) -> str:
+    """The storage key of the tenant's upload or data-space image ``reference``; :class:`UnknownUploadError` if it
+    is not in the tenant's space or does not exist."""
+    if not in_tenant_space(reference, tenant_id) or not storage.exists(reference):
         raise UnknownUploadError(reference)
     return reference
