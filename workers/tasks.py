@@ -23,14 +23,16 @@ from celery import Task
 from sqlalchemy import Engine, select
 
 from workers.celery_app import celery_app
-from xmgie.jobs import transitions, webhooks
+from xmgie.jobs import runs, transitions, webhooks
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.dispatch import (
     DEFAULT_QUEUE,
     DELIVER_WEBHOOK_TASK,
+    DISPATCH_SCHEDULES_TASK,
     EDIT_ITEMS_TASK,
     GPU_QUEUE,
     RECONCILE_TASK,
+    START_RUN_TASK,
     micro_batches,
 )
 from xmgie.jobs.editor import Editor, EditRequest, EditResult, NoOpEditor, lazy_pipeline_editor
@@ -276,3 +278,44 @@ def reconcile(
     report.webhooks = len(stale)
     logger.info("reconcile: %s (gpu queue depth %s)", report.as_dict(), depth)
     return report.as_dict()
+
+
+UNSTARTED_RUN_SECONDS = 300.0
+"""A run without a job this long after its creation has lost its start message: the dispatcher sends it again."""
+
+
+@celery_app.task(name=DISPATCH_SCHEDULES_TASK)
+def dispatch_schedules() -> dict[str, int]:
+    """Beat's tick: create the run of each due schedule slot (once per slot, whoever ticks) and start it; publish
+    runs whose job ended without being published; start again runs whose start message was lost."""
+    shared = resources()
+    fired = runs.fire_due_schedules(session_factory=shared.session_factory)
+    with shared.session_factory() as session:
+        lost = [
+            run_id
+            for run_id in runs.unstarted_runs(session=session, older_than_seconds=UNSTARTED_RUN_SECONDS)
+            if run_id not in fired
+        ]
+    for run_id in [*fired, *lost]:
+        start_run_task.apply_async(args=[str(run_id)], queue=DEFAULT_QUEUE)
+    published = runs.publish_finished_runs(session_factory=shared.session_factory, storage=shared.storage)
+    report = {"fired": len(fired), "restarted": len(lost), "published": published}
+    if any(report.values()):
+        logger.info("dispatch_schedules: %s", report)
+    return report
+
+
+@celery_app.task(name=START_RUN_TASK)
+def start_run_task(run_id: str) -> dict[str, Any]:
+    """List a run's source, create its job, publish the job's items (after the commit)."""
+    shared = resources()
+    started = runs.start_run(
+        session_factory=shared.session_factory,
+        storage=shared.storage,
+        run_id=uuid.UUID(run_id),
+        max_items=shared.settings.max_items_per_job,
+    )
+    if started.item_ids:
+        publish_edits(started.item_ids, shared.settings.micro_batch_size)
+    logger.info("start_run %s: job %s, %d items", run_id, started.job_id, len(started.item_ids))
+    return {"job_id": str(started.job_id) if started.job_id else None, "items": len(started.item_ids)}

@@ -242,3 +242,14 @@ def test_storage_from_url_picks_the_backend(tmp_path: Path) -> None:
         storage_from_url("gs://bucket")
     with pytest.raises(ValueError):
         storage_from_url("s3://")
+
+
+def test_copy_duplicates_the_bytes_and_refuses_a_missing_source(storage: Storage) -> None:
+    sha = storage.put_bytes("jobs/a/0.png", b"edited", "image/png")
+    assert storage.copy("jobs/a/0.png", "data/t/set/images/x.png") == sha
+    assert storage.get_bytes("data/t/set/images/x.png") == b"edited"
+    storage.put_bytes("jobs/a/0.png", b"changed")
+    assert storage.get_bytes("data/t/set/images/x.png") == b"edited"
+    with pytest.raises(ObjectNotFoundError):
+        storage.copy("jobs/a/missing.png", "data/t/set/images/y.png")
+    assert not storage.exists("data/t/set/images/y.png")

@@ -5,7 +5,7 @@ its inputs, edits the valid ones as one micro-batch and records every outcome th
 Bad input fails its own item (no retry, with the input error's code); an unexpected failure of the editor puts the
 batch's items back in the queue while they have attempts left (``internal_error`` after the last one). Nothing is
 raised to the caller for a problem of an item. When a job has no queued or running items left, its results
-manifest is (re)written.
+manifest is (re)written and, if it is the job of an augmentation run, the run is published.
 
 Each transition runs in its own short transaction; the model runs outside any transaction, so the database is
 never locked while images are edited.
@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import check_instruction, load_image, load_mask
 from xmgie.editing.options import EditOptions
-from xmgie.jobs import transitions
+from xmgie.jobs import runs, transitions
 from xmgie.jobs.editor import Editor, EditRequest, EditResult
 from xmgie.jobs.exceptions import LeaseLostError, NoSuchItemError
 from xmgie.jobs.manifests import write_results_manifest
@@ -366,3 +366,7 @@ def _write_finished_manifests(session_factory: SessionFactory, storage: Storage,
                 write_results_manifest(session, storage, job_id)
         except Exception:  # noqa: BLE001 - the items are recorded; a later call or a reader can rewrite it
             logger.exception("writing the results manifest of job %s failed", job_id)
+    try:
+        runs.publish_runs_of_jobs(session_factory=session_factory, storage=storage, job_ids=finished)
+    except Exception:  # noqa: BLE001 - the schedule dispatcher's sweep publishes what is left
+        logger.exception("publishing the augmentation runs of jobs %s failed", finished)

@@ -178,6 +178,11 @@ class Storage(Protocol):
         """Whether an object is stored under ``key``."""
         ...
 
+    def copy(self, source_key: str, target_key: str) -> str:
+        """Store a copy of the object under ``source_key`` at ``target_key`` (replacing any object there); its hex
+        SHA-256. Raises :class:`ObjectNotFoundError` if the source is missing."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove the object under ``key``; removing a missing object is not an error."""
         ...
@@ -230,6 +235,13 @@ class LocalStorage:
                 digest.update(chunk)
                 sink.write(chunk)
         return digest.hexdigest()
+
+    def copy(self, source_key: str, target_key: str) -> str:
+        """Copy the file of ``source_key`` to ``target_key`` (atomically, as every write)."""
+        source = self._path(source_key)
+        if not source.is_file():
+            raise ObjectNotFoundError(source_key)
+        return self.put_file(target_key, source)
 
     def get_bytes(self, key: str) -> bytes:
         """Return the bytes stored under ``key``."""
@@ -419,6 +431,16 @@ class S3Storage:
                 object_key,
                 ExtraArgs={"ContentType": content_type, "Metadata": {SHA256_METADATA_KEY: sha256}},
             )
+        return sha256
+
+    def copy(self, source_key: str, target_key: str) -> str:
+        """Server-side copy (no bytes through this process); the SHA-256 metadata travels with the object."""
+        source, target = self._key(source_key), self._key(target_key)
+        with self._errors(source_key):
+            self._client.copy_object(Bucket=self.bucket, Key=target, CopySource={"Bucket": self.bucket, "Key": source})
+        sha256 = self.sha256(target_key)
+        if sha256 is None:
+            sha256 = hashlib.sha256(self.get_bytes(target_key)).hexdigest()
         return sha256
 
     def get_bytes(self, key: str) -> bytes:
