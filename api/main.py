@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from api.deps import Dispatch
 from api.errors import register_error_handlers
-from api.routes import health, jobs, uploads
+from api.routes import health, jobs, schedules, uploads
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.dispatch import CeleryPublisher, NullPublisher, Publisher
 from xmgie.jobs.settings import Settings, get_settings
@@ -60,4 +60,5 @@ def create_app(
     app.include_router(health.router)
     app.include_router(uploads.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
+    app.include_router(schedules.router, prefix="/v1")
     return app

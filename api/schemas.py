@@ -205,3 +205,151 @@ class ReadinessPublic(BaseModel):
 
     status: Literal["ok", "unavailable"]
     checks: dict[str, str]
+
+
+# --- Schedules (dataset augmentation) ------------------------------------------------------------------------------
+
+
+class ScheduleInstruction(BaseModel):
+    """One instruction of a schedule with the edit options it sets on top of the schedule's ``options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleSourceIn(BaseModel):
+    """Where a schedule's images come from: give exactly one of ``prefix`` and ``images``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str | None = Field(
+        default=None, description="a prefix of the tenant's space, e.g. data/<tenant>/photos/ (every image under it)"
+    )
+    images: list[str] | None = Field(default=None, description="a fixed list of image references of the tenant")
+
+
+class ScheduleCreate(BaseModel):
+    """A recurring dataset augmentation: give exactly one of ``cron`` (five fields, in ``timezone``) and
+    ``interval_seconds``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="unique among the tenant's schedules")
+    cron: str | None = Field(default=None, max_length=100, examples=["0 3 * * *"])
+    interval_seconds: int | None = None
+    timezone: str = Field(default="UTC", max_length=64, description="IANA zone the cron expression is read in")
+    source: ScheduleSourceIn
+    instructions: list[str | ScheduleInstruction] = Field(
+        description="instruction texts, or objects with per-instruction options"
+    )
+    variants: int = Field(default=1, description="outputs per image and instruction, each with its own seed")
+    target_prefix: str = Field(
+        max_length=1024, description="folder of the tenant's data space the dataset is published under"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="edit options shared by every instruction")
+    enabled: bool = True
+
+
+class ScheduleUpdate(BaseModel):
+    """Any subset of a schedule's fields; the result is checked as a whole (set ``cron`` to null to switch to
+    ``interval_seconds``, and the other way round)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    cron: str | None = Field(default=None, max_length=100)
+    interval_seconds: int | None = None
+    timezone: str | None = Field(default=None, max_length=64)
+    source: ScheduleSourceIn | None = None
+    instructions: list[str | ScheduleInstruction] | None = None
+    variants: int | None = None
+    target_prefix: str | None = Field(default=None, max_length=1024)
+    options: dict[str, Any] | None = None
+    enabled: bool | None = None
+
+
+class SourcePrefix(BaseModel):
+    """Every image under a prefix of the tenant's space."""
+
+    prefix: str
+
+
+class SourceImages(BaseModel):
+    """A fixed list of image references."""
+
+    images: list[str]
+
+
+class SchedulePublic(BaseModel):
+    """A schedule as clients see it; ``dataset`` is the key of the published dataset's ``metadata.jsonl``."""
+
+    id: uuid.UUID
+    name: str
+    cron: str | None
+    interval_seconds: int | None
+    timezone: str
+    source: SourcePrefix | SourceImages
+    instructions: list[ScheduleInstruction]
+    variants: int
+    target_prefix: str
+    options: dict[str, Any]
+    enabled: bool
+    last_slot: datetime | None = Field(description="the latest slot fired by the schedule itself")
+    next_slot: datetime | None = Field(description="when it fires next; null while paused")
+    dataset: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class SchedulesPublic(BaseModel):
+    """The tenant's schedules, by name."""
+
+    data: list[SchedulePublic]
+    count: int
+
+
+class RunCounts(BaseModel):
+    """Outputs of a run in each status (live from its job while it runs)."""
+
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class RunError(BaseModel):
+    """Why a run ended without a job (``no_source_images``, ``source_unavailable``...)."""
+
+    code: str
+    message: str | None
+
+
+class RunPublic(BaseModel):
+    """One firing of a schedule; ``status`` follows its job and is final once ``published_at`` is set."""
+
+    id: uuid.UUID
+    schedule_id: uuid.UUID
+    slot: datetime
+    trigger: str = Field(description="schedule (a slot of its timing) or manual (POST .../run)")
+    status: JobStatus
+    job_id: uuid.UUID | None
+    fingerprint: str | None
+    image_count: int = Field(description="images in the source when the run started")
+    item_count: int = Field(description="outputs the run planned (new images × instructions × variants)")
+    counts: RunCounts
+    error: RunError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    published_at: datetime | None
+
+
+class RunsPublic(BaseModel):
+    """A page of a schedule's runs, newest first; pass ``next_cursor`` as ``cursor`` for the next (null: last)."""
+
+    data: list[RunPublic]
+    count: int = Field(description="number of the schedule's runs, over all pages")
+    next_cursor: uuid.UUID | None

@@ -19,7 +19,14 @@ from xmgie.jobs.db import make_session_factory
 from xmgie.jobs.editor import NoOpEditor
 from xmgie.jobs.models import Augmentation, Item, Run, Schedule, Tenant
 from xmgie.jobs.processing import process_items
-from xmgie.jobs.schedules import derived_seed, latest_slot, next_slot
+from xmgie.jobs.schedules import (
+    ScheduleError,
+    check_source_prefix,
+    check_target_prefix,
+    derived_seed,
+    latest_slot,
+    next_slot,
+)
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.storage import LocalStorage, data_prefix
 
@@ -267,3 +274,22 @@ def test_publishing_twice_is_harmless_and_an_empty_source_is_reported(factory, s
     # Starting an already started run creates nothing more.
     again = runs.start_run(session_factory=factory, storage=storage, run_id=run.id, max_items=10)
     assert again.item_ids == [] and again.job_id == run.job_id
+
+
+def test_a_source_prefix_is_a_folder_and_the_target_stays_out_of_it():
+    tenant = uuid.uuid4()
+    space = data_prefix(tenant)
+    assert check_source_prefix(f"{space}photos", tenant) == f"{space}photos/"
+    assert check_target_prefix(f"{space}out", tenant, source_prefix=f"{space}photos/") == f"{space}out/"
+    for target, source in ((f"{space}photos/out", f"{space}photos/"), (f"{space}set/", space)):
+        with pytest.raises(ScheduleError) as raised:
+            check_target_prefix(target, tenant, source_prefix=source)
+        assert raised.value.code == "target_overlaps_source"
+
+
+def test_manual_runs_in_the_same_instant_are_two_runs(factory):
+    schedule = new_schedule(factory)
+    with factory() as session, session.begin():
+        first = runs.fire_now(session=session, schedule_id=schedule.id, now=T0).slot
+        second = runs.fire_now(session=session, schedule_id=schedule.id, now=T0).slot
+    assert first == T0 and second == T0 + timedelta(microseconds=1)

@@ -142,9 +142,12 @@ def _insert_run(session: Session, schedule_id: uuid.UUID, slot: datetime, trigge
 def fire_now(*, session: Session, schedule_id: uuid.UUID, now: datetime | None = None) -> Run:
     """A manual run of the schedule now (its slot is this instant; the schedule's own slots are unaffected)."""
     now = now or utc_now()
-    run_id = _insert_run(session, schedule_id, now, MANUAL_TRIGGER, now)
-    if run_id is None:
-        raise RuntimeError(f"a run of schedule {schedule_id} at {now.isoformat()} already exists")
+    run_id = None
+    slot = now
+    while run_id is None:
+        # Two manual runs in the same microsecond: the second takes the next free microsecond.
+        run_id = _insert_run(session, schedule_id, slot, MANUAL_TRIGGER, now)
+        slot += timedelta(microseconds=1)
     run = session.get(Run, run_id)
     assert run is not None
     return run

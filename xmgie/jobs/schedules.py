@@ -128,8 +128,11 @@ def check_timing(cron: str | None, interval_seconds: int | None, timezone: str) 
 
 
 def check_source_prefix(prefix: str, tenant_id: uuid.UUID) -> str:
-    """A source prefix inside the tenant's space (``data/<tenant>/...`` or ``uploads/<tenant>/...``)."""
+    """A source folder inside the tenant's space (``data/<tenant>/...`` or ``uploads/<tenant>/...``), ending with
+    ``/`` (so ``photos`` never also matches ``photos2/``)."""
     own = (data_prefix(tenant_id), f"uploads/{tenant_id}/")
+    if not prefix.endswith("/"):
+        prefix += "/"
     try:
         validate_prefix(prefix)
     except InvalidKeyError as error:
@@ -153,8 +156,15 @@ def check_source_images(images: Sequence[str], tenant_id: uuid.UUID) -> list[str
     return list(dict.fromkeys(images))
 
 
-def check_target_prefix(prefix: str, tenant_id: uuid.UUID) -> str:
-    """A target prefix in the tenant's data space, ending with ``/``."""
+def check_target_prefix(
+    prefix: str,
+    tenant_id: uuid.UUID,
+    *,
+    source_prefix: str | None = None,
+    source_keys: Sequence[str] = (),
+) -> str:
+    """A target prefix in the tenant's data space, ending with ``/``, apart from the source: a target inside the
+    source would feed each run's outputs to the next run (``target_overlaps_source``)."""
     own = data_prefix(tenant_id)
     if not prefix.endswith("/"):
         prefix += "/"
@@ -164,6 +174,13 @@ def check_target_prefix(prefix: str, tenant_id: uuid.UUID) -> str:
         raise ScheduleError("target_outside_tenant_space", f"target prefix {prefix!r}: {error}") from None
     if not prefix.startswith(own) or prefix == own:
         raise ScheduleError("target_outside_tenant_space", f"target prefix {prefix!r} must be a folder under {own!r}")
+    if source_prefix is not None and (prefix.startswith(source_prefix) or source_prefix.startswith(prefix)):
+        raise ScheduleError(
+            "target_overlaps_source", f"target prefix {prefix!r} and source prefix {source_prefix!r} overlap"
+        )
+    inside = [key for key in source_keys if key.startswith(prefix)]
+    if inside:
+        raise ScheduleError("target_overlaps_source", f"source image {inside[0]!r} is under the target prefix")
     return prefix
 
 
