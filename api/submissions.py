@@ -10,55 +10,60 @@ from api.errors import ApiError
 from api.schemas import ItemCreate, JobCreate
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import check_instruction
-from xmgie.editing.options import EditOptions
+from xmgie.editing.options import merge_options, validate_options
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.storage import Storage
 from xmgie.jobs.transitions import ItemSpec
 from xmgie.jobs.uploads import resolve_upload
 
 
-def merge_options(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``; option groups given as objects on both sides are merged key by key."""
-    merged = dict(base)
-    for name, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(name), Mapping):
-            merged[name] = merge_options(merged[name], value)
-        else:
-            merged[name] = value
-    return merged
+class _SubmissionChecks:
+    """What ``item_specs`` checks once per distinct value of a submission, however many items share it.
+
+    A reference is resolved (a storage lookup: a stat locally, a HEAD request on S3) the first time it appears, and
+    a merged option set is validated the first time it appears (told apart by its ``repr``); only successes are
+    remembered, so the first bad item still raises its own error.
+    """
+
+    def __init__(self, storage: Storage, tenant_id: UUID) -> None:
+        self.storage = storage
+        self.tenant_id = tenant_id
+        self.resolved: dict[str, str] = {}
+        self.valid_options: set[str] = set()
+
+    def resolve(self, reference: str | None) -> str | None:
+        if reference is None:
+            return None
+        key = self.resolved.get(reference)
+        if key is None:
+            key = resolve_upload(storage=self.storage, tenant_id=self.tenant_id, reference=reference)
+            self.resolved[reference] = key
+        return key
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        fingerprint = repr(options)
+        if fingerprint not in self.valid_options:
+            validate_options(options)
+            self.valid_options.add(fingerprint)
 
 
-def _item_spec(
-    item: ItemCreate, job_options: Mapping[str, Any], *, tenant_id: UUID, storage: Storage, limit: int
-) -> ItemSpec:
-    instruction = check_instruction(item.instruction)
-    if len(instruction) > limit:
-        raise EditInputError(
-            "instruction_too_long", f"instruction has {len(instruction)} characters; at most {limit} are allowed"
-        )
+def _item_spec(item: ItemCreate, job_options: Mapping[str, Any], *, checks: _SubmissionChecks, limit: int) -> ItemSpec:
+    instruction = check_instruction(item.instruction, limit)
     options = merge_options(job_options, item.options)
-    try:
-        EditOptions.from_dict(options)
-    except EditInputError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise EditInputError("invalid_option", f"options are invalid: {error}") from error
-
-    def resolve(reference: str | None) -> str | None:
-        return None if reference is None else resolve_upload(storage=storage, tenant_id=tenant_id, reference=reference)
-
+    checks.check_options(options)
     return ItemSpec(
-        input_key=resolve(item.image) or "",
+        input_key=checks.resolve(item.image) or "",
         instruction=instruction,
-        mask_key=resolve(item.mask),
-        identity_key=resolve(item.identity_image),
+        mask_key=checks.resolve(item.mask),
+        identity_key=checks.resolve(item.identity_image),
         options=options,
         seed=item.seed,
     )
 
 
 def item_specs(*, job_in: JobCreate, tenant_id: UUID, storage: Storage, settings: Settings) -> list[ItemSpec]:
-    """The items to create, each with the job's options merged under its own (stored merged, validated).
+    """The items to create, each with the job's options merged under its own (stored merged, validated); each
+    distinct reference and option set is checked once per submission.
 
     Raises ``ApiError`` 422: ``too_many_items``, or the first bad item's code (``empty_instruction``,
     ``instruction_too_long``, ``invalid_option``, ``unknown_upload``) with its index.
@@ -69,18 +74,11 @@ def item_specs(*, job_in: JobCreate, tenant_id: UUID, storage: Storage, settings
             "too_many_items",
             f"a job has at most {settings.max_items_per_job} items, this one has {len(job_in.items)}",
         )
+    checks = _SubmissionChecks(storage, tenant_id)
     specs = []
     for index, item in enumerate(job_in.items):
         try:
-            specs.append(
-                _item_spec(
-                    item,
-                    job_in.options,
-                    tenant_id=tenant_id,
-                    storage=storage,
-                    limit=settings.max_instruction_chars,
-                )
-            )
+            specs.append(_item_spec(item, job_in.options, checks=checks, limit=settings.max_instruction_chars))
         except EditInputError as error:
             raise ApiError(422, error.code, f"item {index}: {error.message}", item=index) from error
     return specs

@@ -31,9 +31,11 @@ from xmgie.jobs.dispatch import (
     DISPATCH_SCHEDULES_TASK,
     EDIT_ITEMS_TASK,
     GPU_QUEUE,
+    PUBLISH_EDITS_TASK,
     RECONCILE_TASK,
     START_RUN_TASK,
     micro_batches,
+    publish_batches,
 )
 from xmgie.jobs.editor import Editor, EditRequest, EditResult, NoOpEditor, lazy_pipeline_editor
 from xmgie.jobs.models import Job, utc_now
@@ -120,8 +122,16 @@ def worker_id(hostname: str | None = None) -> str:
 
 def publish_edits(item_ids: Sequence[uuid.UUID | str], micro_batch_size: int) -> None:
     """Publish ``xmgie.edit_items`` for ``item_ids`` on the ``gpu`` queue, in micro-batches."""
-    for batch in micro_batches(item_ids, micro_batch_size):
-        celery_app.send_task(EDIT_ITEMS_TASK, args=[batch], queue=GPU_QUEUE)
+    publish_batches(celery_app, micro_batches(item_ids, micro_batch_size))
+
+
+@celery_app.task(name=PUBLISH_EDITS_TASK)
+def fan_out_edits(item_ids: list[str], micro_batch_size: int) -> int:
+    """Publish the edits of a large submission (sent as one message by the API); the number of messages."""
+    publish_edits(item_ids, micro_batch_size)
+    messages = -(-len(item_ids) // max(1, micro_batch_size))
+    logger.info("publish_edits: %d items in %d messages", len(item_ids), messages)
+    return messages
 
 
 @celery_app.task(name=EDIT_ITEMS_TASK, bind=True)

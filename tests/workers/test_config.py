@@ -85,3 +85,14 @@ def test_the_api_publishes_to_the_broker_when_one_is_set(tmp_path, redis_db):
     app.state.publisher.send(DELIVER_WEBHOOK_TASK, [str(uuid.uuid4())])
     assert redis_db.llen("default") == 1
     app.state.engine.dispose()
+
+
+def test_a_large_submission_is_one_message_that_a_worker_expands(redis_db):
+    from xmgie.jobs.dispatch import DIRECT_PUBLISH_MESSAGES, CeleryPublisher
+
+    publisher = CeleryPublisher(BROKER_URL, micro_batch_size=2)
+    publisher.edits([uuid.uuid4() for _ in range(2 * DIRECT_PUBLISH_MESSAGES)])
+    assert (redis_db.llen("gpu"), redis_db.llen("default")) == (DIRECT_PUBLISH_MESSAGES, 0)
+    redis_db.flushdb()
+    publisher.edits([uuid.uuid4() for _ in range(2 * DIRECT_PUBLISH_MESSAGES + 1)])
+    assert (redis_db.llen("gpu"), redis_db.llen("default")) == (0, 1)

@@ -200,3 +200,21 @@ def test_beat_reconciles_items_whose_message_was_lost(
     assert all(item.attempts == 1 for item in items_of(session_factory, job_id))
     assert "Sending due task reconcile (xmgie.reconcile)" in beat.log()
     assert re.search(r"reconcile: \{'released': 0, 'ended': 0, 'republished': 3", worker.log())
+
+
+def test_a_large_job_is_published_by_a_worker_and_done_once(
+    session_factory, storage, storage_dir, start_worker, redis_db
+):
+    from xmgie.jobs.dispatch import DIRECT_PUBLISH_MESSAGES
+
+    count = DIRECT_PUBLISH_MESSAGES + 8
+    job_id, item_ids = make_job(session_factory, storage, count)
+    celery_dispatcher(BROKER_URL, micro_batch_size=1)(item_ids)
+    assert (redis_db.llen("gpu"), redis_db.llen("default")) == (0, 1)
+    worker = start_worker("--pool=solo")
+
+    wait_for(_all_succeeded(session_factory, job_id), "every item of the large job", [worker])
+
+    _assert_outputs_match(session_factory, storage, storage_dir, job_id)
+    assert all(item.attempts == 1 for item in items_of(session_factory, job_id))
+    assert f"publish_edits: {count} items in {count} messages" in worker.log()

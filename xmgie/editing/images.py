@@ -150,12 +150,12 @@ def to_working_size(
     return image.resize(size, resample)
 
 
-def check_instruction(text: str | None) -> str:
+def check_instruction(text: str | None, max_chars: int = MAX_INSTRUCTION_CHARS) -> str:
     """Return the edit instruction stripped of surrounding whitespace.
 
     Raises:
         EditInputError: ``empty_instruction`` for ``None`` or blank text,
-            ``instruction_too_long`` above :data:`MAX_INSTRUCTION_CHARS` characters.
+            ``instruction_too_long`` above ``max_chars`` characters (default :data:`MAX_INSTRUCTION_CHARS`).
         TypeError: ``text`` is neither a string nor ``None``.
     """
     if text is None:
@@ -165,10 +165,9 @@ def check_instruction(text: str | None) -> str:
     stripped = text.strip()
     if not stripped:
         raise EditInputError("empty_instruction", "instruction is empty")
-    if len(stripped) > MAX_INSTRUCTION_CHARS:
+    if len(stripped) > max_chars:
         raise EditInputError(
-            "instruction_too_long",
-            f"instruction has {len(stripped)} characters; at most {MAX_INSTRUCTION_CHARS} are allowed",
+            "instruction_too_long", f"instruction has {len(stripped)} characters; at most {max_chars} are allowed"
         )
     return stripped
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -13,6 +14,30 @@ DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5
 DEFAULT_MAX_SIDE = 512
 MAX_STEPS = 500
 MAX_SEED = 2**63 - 1
+
+
+def merge_options(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Option dictionaries layered: ``override`` on top of ``base``; groups given as objects on both sides (``pfb``,
+    ``cam``...) are merged key by key. How job options combine with an item's, or a schedule's with an
+    instruction's."""
+    merged = dict(base)
+    for name, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(name), Mapping):
+            merged[name] = merge_options(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
+
+
+def validate_options(options: Mapping[str, Any], what: str = "options") -> EditOptions:
+    """``EditOptions`` of a plain dictionary; any problem is an ``EditInputError`` ``invalid_option`` naming
+    ``what``."""
+    try:
+        return EditOptions.from_dict(dict(options))
+    except EditInputError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise EditInputError("invalid_option", f"{what} are invalid: {error}") from error
 
 
 def _invalid(name: str, value: Any, rule: str) -> EditInputError:

@@ -14,6 +14,11 @@ EDIT_ITEMS_TASK = "xmgie.edit_items"
 """Edits a micro-batch of items: one argument, the list of item ids as strings."""
 RECONCILE_TASK = "xmgie.reconcile"
 """Takes back expired leases and publishes queued items whose message may be lost."""
+PUBLISH_EDITS_TASK = "xmgie.publish_edits"
+"""Publishes ``xmgie.edit_items`` for many items: arguments, the item ids as strings and the micro-batch size."""
+DIRECT_PUBLISH_MESSAGES = 32
+"""A submission needing more edit messages than this sends one ``xmgie.publish_edits`` instead, so accepting a
+job of 10,000 items costs one publish; a bookkeeping worker publishes the edits."""
 DELIVER_WEBHOOK_TASK = "xmgie.deliver_webhook"
 """Makes one delivery attempt of a finished job's webhook: one argument, the job id as a string."""
 DISPATCH_SCHEDULES_TASK = "xmgie.dispatch_schedules"
@@ -27,6 +32,7 @@ DEFAULT_QUEUE = "default"
 TASK_ROUTES: dict[str, dict[str, str]] = {
     EDIT_ITEMS_TASK: {"queue": GPU_QUEUE},
     RECONCILE_TASK: {"queue": DEFAULT_QUEUE},
+    PUBLISH_EDITS_TASK: {"queue": DEFAULT_QUEUE},
     DELIVER_WEBHOOK_TASK: {"queue": DEFAULT_QUEUE},
     DISPATCH_SCHEDULES_TASK: {"queue": DEFAULT_QUEUE},
     START_RUN_TASK: {"queue": DEFAULT_QUEUE},
@@ -85,9 +91,13 @@ class CeleryPublisher:
         )
 
     def edits(self, item_ids: Sequence[UUID]) -> None:
-        """Publish ``xmgie.edit_items`` for the items in micro-batches of ``micro_batch_size``."""
-        for batch in micro_batches(item_ids, self.micro_batch_size):
-            send(self.client, batch)
+        """Publish ``xmgie.edit_items`` for the items in micro-batches of ``micro_batch_size``; beyond
+        ``DIRECT_PUBLISH_MESSAGES`` messages, one ``xmgie.publish_edits`` that a worker expands."""
+        batches = micro_batches(item_ids, self.micro_batch_size)
+        if len(batches) > DIRECT_PUBLISH_MESSAGES:
+            self.send(PUBLISH_EDITS_TASK, [[item for batch in batches for item in batch], self.micro_batch_size])
+            return
+        publish_batches(self.client, batches)
 
     def send(self, task_name: str, args: Sequence[Any] = ()) -> None:
         """Publish ``task_name`` with ``args`` on its queue."""
@@ -101,6 +111,11 @@ def celery_dispatcher(
     return CeleryPublisher(broker_url, micro_batch_size, lease_seconds).edits
 
 
-def send(client: Any, batch: list[str]) -> None:
-    """Publish one ``xmgie.edit_items`` message for ``batch`` on the ``gpu`` queue of ``client`` (a Celery app)."""
-    client.send_task(EDIT_ITEMS_TASK, args=[batch], queue=GPU_QUEUE)
+def publish_batches(client: Any, batches: Sequence[list[str]]) -> None:
+    """Publish one ``xmgie.edit_items`` message per batch on the ``gpu`` queue of ``client`` (a Celery app), over
+    one producer (one broker connection for all of them)."""
+    if not batches:
+        return
+    with client.producer_or_acquire() as producer:
+        for batch in batches:
+            client.send_task(EDIT_ITEMS_TASK, args=[batch], queue=GPU_QUEUE, producer=producer)

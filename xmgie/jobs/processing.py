@@ -213,12 +213,7 @@ def _fail(
 def _load_request(entry: _Claimed, storage: Storage, settings: Settings) -> EditRequest:
     """Read and check the item's inputs; ``EditInputError`` with a stable code for anything a user can fix."""
     options = EditOptions.from_dict(entry.options)
-    instruction = check_instruction(entry.instruction)
-    if len(instruction) > settings.max_instruction_chars:
-        raise EditInputError(
-            "instruction_too_long",
-            f"instruction has {len(instruction)} characters; at most {settings.max_instruction_chars} are allowed",
-        )
+    instruction = check_instruction(entry.instruction, settings.max_instruction_chars)
     image = _load_checked(storage, entry.input_key, "image", settings)
     mask = None
     if entry.mask_key is not None:

@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from xmgie.editing.options import merge_options
 from xmgie.jobs import transitions
 from xmgie.jobs.models import Augmentation, Item, Job, Run, Schedule, utc_now
 from xmgie.jobs.schedules import (
@@ -36,7 +37,6 @@ from xmgie.jobs.schedules import (
     fingerprint,
     is_image_key,
     latest_slot,
-    merge_options,
     output_file_name,
 )
 from xmgie.jobs.statuses import ItemStatus, JobStatus

@@ -27,7 +27,7 @@ from croniter import croniter
 
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import check_instruction
-from xmgie.editing.options import EditOptions
+from xmgie.editing.options import merge_options, validate_options
 from xmgie.jobs.storage import InvalidKeyError, data_prefix, validate_key, validate_prefix
 from xmgie.jobs.uploads import in_tenant_space
 
@@ -57,25 +57,9 @@ class Instruction:
         return {"instruction": self.instruction, "options": dict(self.options)}
 
 
-def merge_options(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``; option groups given as objects on both sides are merged key by key."""
-    merged = dict(base)
-    for name, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(name), Mapping):
-            merged[name] = merge_options(merged[name], value)
-        else:
-            merged[name] = value
-    return merged
-
-
 def check_options(options: Mapping[str, Any], what: str = "options") -> dict[str, Any]:
     """``options`` if ``EditOptions`` accepts them; ``invalid_option`` otherwise."""
-    try:
-        EditOptions.from_dict(dict(options))
-    except EditInputError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ScheduleError("invalid_option", f"{what} are invalid: {error}") from error
+    validate_options(options, what)
     return dict(options)
 
 
@@ -99,14 +83,10 @@ def parse_instructions(
                 "invalid_instruction", f"instruction {index} must be a string or {{'instruction', 'options'}}"
             )
         try:
-            text = check_instruction(text)
+            text = check_instruction(text, max_chars)
+            check_options(merge_options(job_options, options), f"options of instruction {index}")
         except EditInputError as error:
             raise ScheduleError(error.code, f"instruction {index}: {error.message}") from None
-        if len(text) > max_chars:
-            raise ScheduleError(
-                "instruction_too_long", f"instruction {index} has {len(text)} characters; at most {max_chars}"
-            )
-        check_options(merge_options(job_options, options), f"options of instruction {index}")
         parsed.append(Instruction(text, options))
     return parsed
 

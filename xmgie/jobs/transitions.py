@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -166,7 +166,7 @@ def create_job(
 
     item_rows = [
         {
-            **asdict(spec),
+            **{name: getattr(spec, name) for name in _ITEM_SPEC_FIELDS},
             "id": uuid.uuid4(),
             "job_id": job_id,
             "index": index,
