@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--steps", type=int, help="denoising steps of items whose options do not set them")
     batch.add_argument("--max-side", type=int, help="working long side of items whose options do not set it")
     _add_runtime_arguments(batch)
+    _add_augment_command(commands)
 
     migrate = commands.add_parser("migrate", help="bring the job database to the newest schema")
     migrate.add_argument("--database-url", help="default: the settings' database URL (XMGIE_DATABASE_URL)")
@@ -114,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_commands(commands)
     _add_client_commands(commands)
     return parser
+
+
+def _add_augment_command(commands: argparse._SubParsersAction) -> None:
+    """``xmgie augment``: incremental dataset augmentation of a folder on the embedded defaults."""
+    augment = commands.add_parser(
+        "augment", help="augment a folder of images with a list of instructions (incremental across calls)"
+    )
+    augment.add_argument("source_dir", type=Path, help="folder of images, searched recursively")
+    augment.add_argument(
+        "--instructions",
+        type=Path,
+        required=True,
+        help="one instruction per line (# comments), or a .jsonl file of {instruction, options} objects",
+    )
+    augment.add_argument("--variants", type=int, default=1, help="outputs per image and instruction (own seeds)")
+    augment.add_argument(
+        "--output-dir", type=Path, required=True, help="the dataset: images/ and metadata.jsonl (state in .xmgie/)"
+    )
+    augment.add_argument("--micro-batch", type=int, help="items edited per model call (default: settings, 1)")
+    augment.add_argument("--steps", type=int, help="denoising steps of instructions whose options do not set them")
+    augment.add_argument("--max-side", type=int, help="working long side of instructions whose options do not set it")
+    _add_runtime_arguments(augment)
 
 
 def _add_service_commands(commands: argparse._SubParsersAction) -> None:
@@ -368,6 +391,25 @@ def run_batch(args: argparse.Namespace) -> int:
     )
 
 
+def run_augment(args: argparse.Namespace) -> int:
+    """``xmgie augment``: one incremental dataset augmentation run (see ``xmgie.jobs.augment``)."""
+    from xmgie.jobs.augment import run_augment_command
+
+    return run_augment_command(
+        args.source_dir,
+        args.output_dir,
+        instructions=args.instructions,
+        variants=args.variants,
+        model=args.model,
+        device=args.device,
+        dtype=DTYPES.get(args.dtype, args.dtype),
+        cache_dir=args.cache_dir,
+        micro_batch=args.micro_batch,
+        steps=args.steps,
+        max_side=args.max_side,
+    )
+
+
 def run_migrate(args: argparse.Namespace) -> int:
     """``xmgie migrate``: apply the Alembic migrations to the database."""
     from xmgie.jobs.migrate import upgrade_database
@@ -379,7 +421,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_COMMANDS = frozenset({"edit", "batch", "model", "eval"})
+MODEL_COMMANDS = frozenset({"edit", "batch", "augment", "model", "eval"})
 """Commands that load a model in this process; the others (API, workers, client) never import the model
 libraries up front, so they start in a couple of seconds."""
 
@@ -405,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.command)
     from xmgie.editing.errors import EditInputError
-    from xmgie.loading.directory import ModelDirectoryError
 
     try:
         if args.command == "edit":
@@ -420,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_beat(args)
         if args.command == "batch":
             return run_batch(args)
+        if args.command == "augment":
+            return run_augment(args)
         if args.command == "submit":
             return run_submit(args)
         if args.command == "status":
@@ -434,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     except EditInputError as error:
         print(f"error: {error.code}: {error.message}", file=sys.stderr)
         return 2
-    except (ModelDirectoryError, FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # ValueError includes ModelDirectoryError
         print(f"error: {error}", file=sys.stderr)
         return 2
 

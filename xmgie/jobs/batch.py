@@ -187,7 +187,8 @@ def idempotency_key(manifest_bytes: bytes, overrides: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _local_tenant(session: Session) -> uuid.UUID:
+def local_tenant(session: Session) -> uuid.UUID:
+    """Id of the tenant of the local commands (``xmgie batch``, ``xmgie augment``), created on first use."""
     tenant_id = session.execute(select(Tenant.id).where(Tenant.name == LOCAL_TENANT)).scalar_one_or_none()
     if tenant_id is None:
         tenant = Tenant(name=LOCAL_TENANT)
@@ -228,7 +229,7 @@ def _create_or_resume(
 ) -> tuple[uuid.UUID, bool]:
     """The job of this manifest: the existing one for ``key``, or a new one with the inputs uploaded."""
     with session_factory() as session, session.begin():
-        tenant_id = _local_tenant(session)
+        tenant_id = local_tenant(session)
         existing = session.execute(
             select(Job.id).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
         ).scalar_one_or_none()
@@ -311,12 +312,13 @@ def _runnable_items(session_factory: Callable[[], Session], job_id: uuid.UUID) -
         return list(session.execute(query).scalars())
 
 
-def _chunks(values: list[uuid.UUID], size: int) -> Iterable[list[uuid.UUID]]:
+def chunks(values: list[uuid.UUID], size: int) -> Iterable[list[uuid.UUID]]:
+    """``values`` in consecutive slices of at most ``size``."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
 
-class _Progress:
+class Progress:
     """A tqdm bar on stderr, or one line per step where tqdm is missing."""
 
     def __init__(self, total: int, quiet: bool) -> None:
@@ -377,10 +379,10 @@ def run_batch(
 
         runnable = _runnable_items(session_factory, job_id)
         editor = editor if editor is not None else lazy_pipeline_editor(settings)
-        progress = _Progress(len(runnable), quiet)
+        progress = Progress(len(runnable), quiet)
         succeeded = failed = 0
         try:
-            for chunk in _chunks(runnable, settings.micro_batch_size):
+            for chunk in chunks(runnable, settings.micro_batch_size):
                 outcomes = process_items(
                     session_factory=session_factory,
                     storage=storage,
@@ -432,7 +434,7 @@ def output_name(index: int, entry: ManifestEntry, suffix: str = "") -> str:
     return f"{index}_{Path(entry.image).stem}{suffix}.png"
 
 
-def _copy_if_changed(storage: Storage, key: str, target: Path, sha256: str | None) -> None:
+def copy_if_changed(storage: Storage, key: str, target: Path, sha256: str | None) -> None:
     """Copy object ``key`` to ``target`` unless ``target`` already holds exactly those bytes."""
     if sha256 is not None and target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == sha256:
         return
@@ -453,10 +455,10 @@ def write_outputs(
         output_path = mask_path = None
         if item.status == ItemStatus.SUCCEEDED.value and item.output_key:
             output_path = output_dir / output_name(item.index, entry)
-            _copy_if_changed(storage, item.output_key, output_path, item.output_sha256)
+            copy_if_changed(storage, item.output_key, output_path, item.output_sha256)
             if item.mask_output_key:
                 mask_path = output_dir / output_name(item.index, entry, "_mask")
-                _copy_if_changed(storage, item.mask_output_key, mask_path, None)
+                copy_if_changed(storage, item.mask_output_key, mask_path, None)
         metrics = item.metrics or {}
         lines.append(
             {
@@ -539,7 +541,7 @@ def contact_sheet(
     return sheet
 
 
-def _resolve_device(device: str, dtype: str) -> tuple[str, str]:
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     """``auto`` device: CUDA when present, else the CPU; ``auto`` dtype: bf16/fp16 on CUDA, fp32 elsewhere."""
     if device == "auto" or dtype == "auto":
         import torch
@@ -575,7 +577,7 @@ def run_batch_command(
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device, dtype = _resolve_device(device, dtype)
+    device, dtype = resolve_device(device, dtype)
     settings = batch_settings(
         output_dir,
         model=model,
