@@ -75,6 +75,17 @@ def moto_server() -> Iterator[int]:
         stop_process_group(process)
 
 
+def s3_settings(port: int, bucket: str) -> dict[str, str]:
+    """The ``XMGIE_*`` settings that point a service process at ``bucket`` on the moto server at ``port``."""
+    return {
+        "XMGIE_STORAGE_URL": f"s3://{bucket}",
+        "XMGIE_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "XMGIE_S3_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
+        "XMGIE_S3_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
+        "XMGIE_S3_REGION": "us-east-1",
+    }
+
+
 def service_env(**settings: str) -> dict[str, str]:
     """This process' environment without any ``XMGIE_*`` variable, plus ``settings`` and the repository on the path."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("XMGIE_")}

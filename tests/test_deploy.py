@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from xmgie.cli import build_parser
+from xmgie.jobs.dispatch import TASK_ROUTES
 from xmgie.jobs.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,11 +20,15 @@ def compose() -> dict:
 def test_every_xmgie_service_runs_a_real_subcommand():
     services = compose()["services"]
     commands = {name: s["command"] for name, s in services.items() if s.get("command", [""])[0] == "xmgie"}
-    assert set(commands) == {"migrate", "api", "worker", "beat"}
+    assert set(commands) == {"migrate", "api", "worker", "bookkeeper", "beat"}
     parser = build_parser()
     for name, command in commands.items():
         args = parser.parse_args(command[1:])
         assert args.command == command[1], name
+    queues = {name: parser.parse_args(commands[name][1:]).queues.split(",") for name in ("worker", "bookkeeper")}
+    # Every queue the service publishes to has a consumer; the GPU worker only edits.
+    assert queues == {"worker": ["gpu"], "bookkeeper": ["default"]}
+    assert set(TASK_ROUTES[name]["queue"] for name in TASK_ROUTES) == {"gpu", "default"}
 
 
 def test_every_setting_in_the_stack_is_a_settings_field():

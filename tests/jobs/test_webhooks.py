@@ -67,7 +67,7 @@ def test_ending_a_job_marks_its_webhook_pending_in_the_same_transition(session, 
 
 def test_delivery_posts_the_signed_summary_once(session, tenant_id, migrated_engine, receiver):
     job_id = finished_job(session, tenant_id, receiver.url, fail=True)
-    settings = Settings(webhook_secret="s3cret")
+    settings = Settings(webhook_secret="s3cret", webhook_allow_private_networks=True)
     factory = make_session_factory(migrated_engine)
 
     assert webhooks.deliver_webhook(session_factory=factory, job_id=job_id, settings=settings) == "delivered"
@@ -92,7 +92,7 @@ def test_failed_deliveries_are_recorded_and_logged_but_never_fail_the_job(
 ):
     receiver.status = 500
     job_id = finished_job(session, tenant_id, receiver.url)
-    settings = Settings(webhook_max_attempts=2)
+    settings = Settings(webhook_max_attempts=2, webhook_allow_private_networks=True)
     factory = make_session_factory(migrated_engine)
 
     with caplog.at_level(logging.WARNING, logger="xmgie.jobs.webhooks"):
@@ -114,7 +114,7 @@ def test_an_unreachable_receiver_is_a_failed_attempt(session, tenant_id, migrate
     receiver_port_closed = "http://127.0.0.1:9/hook"
     job_id = finished_job(session, tenant_id, receiver_port_closed)
     factory = make_session_factory(migrated_engine)
-    settings = Settings(webhook_timeout_seconds=2)
+    settings = Settings(webhook_timeout_seconds=2, webhook_allow_private_networks=True)
 
     assert webhooks.deliver_webhook(session_factory=factory, job_id=job_id, settings=settings) == "pending"
     job = reload(migrated_engine, job_id)
@@ -125,3 +125,18 @@ def test_an_unreachable_receiver_is_a_failed_attempt(session, tenant_id, migrate
 def test_retry_delays_grow_and_stay_bounded():
     delays = [webhooks.retry_delay_seconds(attempts) for attempts in range(1, 12)]
     assert delays == sorted(delays) and delays[0] == 10 and delays[-1] == 600
+
+
+def test_webhooks_to_internal_addresses_are_refused_unless_allowed(session, tenant_id, migrated_engine, receiver):
+    job_id = finished_job(session, tenant_id, receiver.url)
+    factory = make_session_factory(migrated_engine)
+
+    status = webhooks.deliver_webhook(session_factory=factory, job_id=job_id, settings=Settings())
+
+    assert status == "failed" and receiver.requests == []
+    job = reload(migrated_engine, job_id)
+    assert job.webhook_attempts == 1 and "non-public address 127.0.0.1" in job.webhook_error
+    assert webhooks.private_address("http://10.1.2.3/x") == "10.1.2.3"
+    assert webhooks.private_address("http://[::1]:8080/x") == "::1"
+    assert webhooks.private_address("http://169.254.169.254/latest/meta-data") == "169.254.169.254"
+    assert webhooks.private_address("http://8.8.8.8/hook") is None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import uuid
 
 import pytest
 
-from tests.workers.conftest import BROKER_URL
+from tests.workers.conftest import BROKER_URL, REPO_ROOT
 from xmgie.cli import build_parser
 from xmgie.jobs.dispatch import (
     DELIVER_WEBHOOK_TASK,
@@ -33,11 +36,19 @@ def test_the_app_follows_the_processing_rules():
 
 
 def test_importing_the_tasks_loads_no_model():
-    import workers.tasks as tasks
-    from xmgie.jobs import editor
-
-    assert {EDIT_ITEMS_TASK, RECONCILE_TASK, DELIVER_WEBHOOK_TASK} <= set(tasks.celery_app.tasks)
-    assert tasks._resources is None and editor._PIPELINES == {}
+    # A fresh interpreter: this test process may already hold pipelines loaded by other tests.
+    check = (
+        "import sys, workers.tasks as tasks\n"
+        "from xmgie.jobs import editor\n"
+        "assert tasks._resources is None and editor._PIPELINES == {}\n"
+        "print(sorted(name for name in tasks.celery_app.tasks if name.startswith('xmgie.')))\n"
+        "print([name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    registered, heavy = result.stdout.splitlines()
+    assert {EDIT_ITEMS_TASK, RECONCILE_TASK, DELIVER_WEBHOOK_TASK} <= set(ast.literal_eval(registered))
+    assert heavy == "[]"
 
 
 def test_micro_batches_and_visibility_timeout():

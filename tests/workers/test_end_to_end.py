@@ -15,7 +15,7 @@ import httpx2
 import pytest
 from PIL import Image
 
-from tests.services import S3_CREDENTIALS, api_server, moto_server, webhook_receiver
+from tests.services import S3_CREDENTIALS, api_server, moto_server, s3_settings, webhook_receiver
 from tests.workers.conftest import REPO_ROOT
 from xmgie.jobs.storage import S3Storage
 
@@ -55,13 +55,11 @@ def test_a_job_with_bad_items_ends_partial_with_every_good_output_stored_once(
     s3 = S3Storage(BUCKET, endpoint_url=endpoint, create_bucket=True, **S3_CREDENTIALS)
     service = {
         **worker_env,
-        "XMGIE_STORAGE_URL": f"s3://{BUCKET}",
-        "XMGIE_S3_ENDPOINT_URL": endpoint,
-        "XMGIE_S3_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
-        "XMGIE_S3_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
-        "XMGIE_S3_REGION": "us-east-1",
+        **s3_settings(moto_port, BUCKET),
         "XMGIE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
         "XMGIE_MICRO_BATCH_SIZE": "4",
+        # The webhook receiver of this test listens on 127.0.0.1.
+        "XMGIE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
     }
     key = subprocess.run(
         [sys.executable, "-m", "xmgie.cli", "admin", "create-key", "--tenant", "e2e"],

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from tests.services import S3_CREDENTIALS, moto_server
+from tests.services import S3_CREDENTIALS, moto_server, s3_settings
 from tests.workers.conftest import wait_for
 from xmgie.jobs.models import Run, Schedule, Tenant
 from xmgie.jobs.storage import S3Storage, data_prefix
@@ -35,11 +35,7 @@ def s3() -> Iterator[tuple[S3Storage, dict[str, str]]]:
         endpoint = f"http://127.0.0.1:{port}"
         storage = S3Storage(BUCKET, endpoint_url=endpoint, create_bucket=True, **S3_CREDENTIALS)
         env = {
-            "XMGIE_STORAGE_URL": f"s3://{BUCKET}",
-            "XMGIE_S3_ENDPOINT_URL": endpoint,
-            "XMGIE_S3_ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
-            "XMGIE_S3_SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
-            "XMGIE_S3_REGION": "us-east-1",
+            **s3_settings(port, BUCKET),
             "XMGIE_SCHEDULE_TICK_SECONDS": "0.5",
             "XMGIE_RECONCILE_SECONDS": "60",
         }

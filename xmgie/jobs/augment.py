@@ -43,18 +43,17 @@ from xmgie.editing.errors import EditInputError
 from xmgie.jobs import runs
 from xmgie.jobs.batch import (
     STATE_DIR,
-    Progress,
     batch_settings,
-    chunks,
     copy_if_changed,
     local_tenant,
+    process_locally,
     resolve_device,
 )
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import Editor, lazy_pipeline_editor
 from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Augmentation, Item, Run, Schedule, utc_now
-from xmgie.jobs.processing import ItemOutcome, process_items
+from xmgie.jobs.processing import ItemOutcome
 from xmgie.jobs.schedules import (
     IMAGE_SUFFIXES,
     METADATA_FILE,
@@ -333,51 +332,6 @@ def _open_items(session_factory: SessionFactory, schedule_id: uuid.UUID, *, runn
         return list(session.scalars(query))
 
 
-def _process(
-    session_factory: SessionFactory,
-    storage: Storage,
-    editor: Editor,
-    item_ids: list[uuid.UUID],
-    worker: str,
-    settings: Settings,
-    quiet: bool,
-) -> list[ItemOutcome]:
-    """``process_items`` over ``item_ids`` in micro-batches with a progress bar; items sent back for a retry get
-    their next attempts at once, up to the attempt cap. The final outcome of each item."""
-    final: list[ItemOutcome] = []
-    succeeded = failed = 0
-    progress = Progress(len(item_ids), quiet)
-    try:
-        for chunk in chunks(item_ids, settings.micro_batch_size):
-            outcomes = process_items(
-                session_factory=session_factory,
-                storage=storage,
-                editor=editor,
-                item_ids=chunk,
-                worker=worker,
-                settings=settings,
-            )
-            retry = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
-            while retry:
-                outcomes = [outcome for outcome in outcomes if outcome.item_id not in set(retry)]
-                outcomes += process_items(
-                    session_factory=session_factory,
-                    storage=storage,
-                    editor=editor,
-                    item_ids=retry,
-                    worker=worker,
-                    settings=settings,
-                )
-                retry = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
-            final.extend(outcomes)
-            succeeded += sum(outcome.status == ItemStatus.SUCCEEDED.value for outcome in outcomes)
-            failed += sum(outcome.status == ItemStatus.FAILED.value for outcome in outcomes)
-            progress.update(len(chunk), succeeded, failed)
-    finally:
-        progress.close()
-    return final
-
-
 def _failures(session_factory: SessionFactory, outcomes: list[ItemOutcome], source_prefix: str) -> list[FailedOutput]:
     failed = {outcome.item_id: outcome for outcome in outcomes if outcome.status == ItemStatus.FAILED.value}
     if not failed:
@@ -500,14 +454,14 @@ def run_augment(
 
         # Items of an earlier call that stopped midway are done first: the new run's plan counts them as taken.
         leftover = _open_items(session_factory, schedule_id, runnable=True)
-        outcomes = _process(session_factory, storage, editor, leftover, worker, settings, quiet)
+        outcomes = process_locally(session_factory, storage, editor, leftover, worker, settings, quiet)
 
         with session_factory() as session, session.begin():
             run_id = runs.fire_now(session=session, schedule_id=schedule_id).id
         started_run = runs.start_run(
             session_factory=session_factory, storage=storage, run_id=run_id, max_items=settings.max_items_per_job
         )
-        outcomes += _process(session_factory, storage, editor, started_run.item_ids, worker, settings, quiet)
+        outcomes += process_locally(session_factory, storage, editor, started_run.item_ids, worker, settings, quiet)
 
         # process_items publishes a run when its job ends; publishing again is a no-op then, and catches a run
         # whose last item ended in an earlier call.

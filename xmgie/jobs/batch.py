@@ -37,7 +37,7 @@ from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import Editor, lazy_pipeline_editor
 from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Item, Job, Tenant, utc_now
-from xmgie.jobs.processing import IMAGE_NOT_FOUND, process_items
+from xmgie.jobs.processing import IMAGE_NOT_FOUND, ItemOutcome, SessionFactory, process_items
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.statuses import ItemStatus
 from xmgie.jobs.storage import Storage, storage_from_settings, upload_key
@@ -347,6 +347,51 @@ class Progress:
             self.bar.close()
 
 
+def process_locally(
+    session_factory: SessionFactory,
+    storage: Storage,
+    editor: Editor,
+    item_ids: list[uuid.UUID],
+    worker: str,
+    settings: Settings,
+    quiet: bool,
+) -> list[ItemOutcome]:
+    """``process_items`` over ``item_ids`` in micro-batches with a progress bar, in this process; items sent back
+    for a retry get their next attempts at once, up to the attempt cap. The final outcome of each item."""
+    final: list[ItemOutcome] = []
+    succeeded = failed = 0
+    progress = Progress(len(item_ids), quiet)
+    try:
+        for chunk in chunks(item_ids, settings.micro_batch_size):
+            outcomes = process_items(
+                session_factory=session_factory,
+                storage=storage,
+                editor=editor,
+                item_ids=chunk,
+                worker=worker,
+                settings=settings,
+            )
+            retry = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
+            while retry:
+                outcomes = [outcome for outcome in outcomes if outcome.item_id not in set(retry)]
+                outcomes += process_items(
+                    session_factory=session_factory,
+                    storage=storage,
+                    editor=editor,
+                    item_ids=retry,
+                    worker=worker,
+                    settings=settings,
+                )
+                retry = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
+            final.extend(outcomes)
+            succeeded += sum(outcome.status == ItemStatus.SUCCEEDED.value for outcome in outcomes)
+            failed += sum(outcome.status == ItemStatus.FAILED.value for outcome in outcomes)
+            progress.update(len(chunk), succeeded, failed)
+    finally:
+        progress.close()
+    return final
+
+
 def run_batch(
     manifest: Path,
     output_dir: Path,
@@ -379,36 +424,8 @@ def run_batch(
 
         runnable = _runnable_items(session_factory, job_id)
         editor = editor if editor is not None else lazy_pipeline_editor(settings)
-        progress = Progress(len(runnable), quiet)
-        succeeded = failed = 0
-        try:
-            for chunk in chunks(runnable, settings.micro_batch_size):
-                outcomes = process_items(
-                    session_factory=session_factory,
-                    storage=storage,
-                    editor=editor,
-                    item_ids=chunk,
-                    worker=worker,
-                    settings=settings,
-                )
-                # Items sent back for a retry get their next attempts in this run, up to the attempt cap.
-                retry = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
-                while retry:
-                    outcomes = [outcome for outcome in outcomes if outcome.item_id not in set(retry)]
-                    outcomes += process_items(
-                        session_factory=session_factory,
-                        storage=storage,
-                        editor=editor,
-                        item_ids=retry,
-                        worker=worker,
-                        settings=settings,
-                    )
-                    retry = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
-                succeeded += sum(outcome.status == ItemStatus.SUCCEEDED.value for outcome in outcomes)
-                failed += sum(outcome.status == ItemStatus.FAILED.value for outcome in outcomes)
-                progress.update(len(chunk), succeeded, failed)
-        finally:
-            progress.close()
+        outcomes = process_locally(session_factory, storage, editor, runnable, worker, settings, quiet)
+        succeeded = sum(outcome.status == ItemStatus.SUCCEEDED.value for outcome in outcomes)
 
         with session_factory() as session:
             job = session.get(Job, job_id)

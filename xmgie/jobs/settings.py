@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_max_attempts: int = Field(default=5, gt=0)
+    webhook_allow_private_networks: bool = False
+    """Whether webhooks may go to loopback, private or link-local addresses (off: a tenant cannot make the
+    workers call the cluster's internal services)."""
 
     @field_validator("data_dir", "model_cache_dir")
     @classmethod

@@ -6,21 +6,25 @@ failed attempt (network error, timeout, non-2xx answer) leaves the webhook pendi
 attempts have been made, then marks it ``failed``; every failure is logged, and none ever changes the job's own
 status. Receivers should treat deliveries as at-least-once: ``X-XMGIE-Delivery`` (the job id) is the same on every
 attempt. With ``Settings.webhook_secret`` set, ``X-XMGIE-Signature: sha256=<hex>`` is the HMAC-SHA256 of the body
-under that secret.
+under that secret. Webhooks to loopback, private or link-local addresses are refused (and fail at once) unless
+``Settings.webhook_allow_private_networks`` is set: a tenant must not reach the cluster's internal services.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -57,6 +61,19 @@ def webhook_payload(job: Job) -> dict[str, Any]:
 def signature(body: bytes, secret: str) -> str:
     """``sha256=<hex>``: the HMAC-SHA256 of ``body`` under ``secret``."""
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def private_address(url: str) -> str | None:
+    """The first loopback, private, link-local or otherwise non-public address ``url``'s host resolves to, or
+    None when every address is public. ``OSError`` when the host does not resolve."""
+    host = urlsplit(url).hostname
+    if not host:
+        raise ValueError(f"webhook URL {url!r} has no host")
+    for *_rest, sockaddr in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP):
+        address = ipaddress.ip_address(sockaddr[0])
+        if not address.is_global:
+            return str(address)
+    return None
 
 
 def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
@@ -102,15 +119,24 @@ def deliver_webhook(
         headers["X-XMGIE-Signature"] = signature(body, settings.webhook_secret)
 
     error: str | None = None
+    refused = False
     try:
-        status_code = post(url, body, headers, settings.webhook_timeout_seconds)
-        if not 200 <= status_code < 300:
-            error = f"HTTP {status_code}"
+        internal = None if settings.webhook_allow_private_networks else private_address(url)
+        if internal is not None:
+            refused = True
+            error = f"the webhook URL resolves to the non-public address {internal}"
+        else:
+            status_code = post(url, body, headers, settings.webhook_timeout_seconds)
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}"
     except (OSError, ValueError) as failure:
         error = f"{type(failure).__name__}: {failure}"[:MAX_ERROR_CHARS]
 
     if error is None:
         outcome = WebhookStatus.DELIVERED
+    elif refused:
+        outcome = WebhookStatus.FAILED
+        logger.error("webhook of job %s to %s refused: %s", job_id, url, error)
     elif attempt >= settings.webhook_max_attempts:
         outcome = WebhookStatus.FAILED
         logger.error("webhook of job %s to %s failed for good after %d attempts: %s", job_id, url, attempt, error)
