@@ -44,10 +44,10 @@ from xmgie.jobs import runs
 from xmgie.jobs.batch import (
     STATE_DIR,
     batch_settings,
+    command_settings,
     copy_if_changed,
     local_tenant,
     process_locally,
-    resolve_device,
 )
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import Editor, lazy_pipeline_editor
@@ -558,15 +558,7 @@ def run_augment_command(
     except InstructionsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device, dtype = resolve_device(device, dtype)
-    settings = batch_settings(
-        output_dir,
-        model=model,
-        device=device,
-        dtype=dtype,
-        model_cache_dir=cache_dir,
-        micro_batch_size=micro_batch,
-    )
+    settings = command_settings(output_dir, model, device, dtype, cache_dir, micro_batch)
     report = run_augment(
         source_dir,
         instructions,

@@ -572,6 +572,17 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def command_settings(
+    output_dir: Path, model: str, device: str, dtype: str, cache_dir: Path | None, micro_batch: int | None
+) -> Settings:
+    """The settings of a local command (``xmgie batch``, ``xmgie augment``) from its runtime arguments: state under
+    ``output_dir/.xmgie``, ``auto`` device and dtype resolved."""
+    device, dtype = resolve_device(device, dtype)
+    return batch_settings(
+        output_dir, model=model, device=device, dtype=dtype, model_cache_dir=cache_dir, micro_batch_size=micro_batch
+    )
+
+
 def run_batch_command(
     manifest: Path,
     output_dir: Path,
@@ -594,15 +605,7 @@ def run_batch_command(
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device, dtype = resolve_device(device, dtype)
-    settings = batch_settings(
-        output_dir,
-        model=model,
-        device=device,
-        dtype=dtype,
-        model_cache_dir=cache_dir,
-        micro_batch_size=micro_batch,
-    )
+    settings = command_settings(output_dir, model, device, dtype, cache_dir, micro_batch)
     report = run_batch(manifest, output_dir, settings=settings, steps=steps, max_side=max_side)
     counts = report.counts
     total = sum(counts.values())
