@@ -1,5 +1,6 @@
 """Augmentation runs: slots fire once, runs are incremental under the schedule's fingerprint, the dataset manifest
-lists exactly the succeeded outputs; on SQLite and PostgreSQL, with the item machinery of the workers."""
+lists exactly the succeeded outputs; on SQLite and PostgreSQL, a storage folder and an S3 server, with the item
+machinery of the workers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import Engine, func, select
 
+from tests.services import S3_CREDENTIALS, moto_server
 from xmgie.jobs import runs
 from xmgie.jobs.db import make_session_factory
 from xmgie.jobs.editor import NoOpEditor
@@ -28,7 +31,7 @@ from xmgie.jobs.schedules import (
     next_slot,
 )
 from xmgie.jobs.settings import Settings
-from xmgie.jobs.storage import LocalStorage, data_prefix
+from xmgie.jobs.storage import LocalStorage, S3Storage, Storage, data_prefix
 
 T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -44,9 +47,20 @@ def factory(migrated_engine: Engine):
     return make_session_factory(migrated_engine)
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
+@pytest.fixture(scope="module")
+def moto_port() -> Iterator[int]:
+    with moto_server() as port:
+        yield port
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """A storage folder, or a fresh bucket on a moto S3 server process (outputs are then copied server-side)."""
+    if request.param == "local":
+        return LocalStorage(tmp_path / "storage")
+    port = request.getfixturevalue("moto_port")
+    bucket = f"runs-{uuid.uuid4().hex[:12]}"
+    return S3Storage(bucket, endpoint_url=f"http://127.0.0.1:{port}", create_bucket=True, **S3_CREDENTIALS)
 
 
 def new_schedule(factory, **fields) -> Schedule:
@@ -73,7 +87,7 @@ def new_schedule(factory, **fields) -> Schedule:
     return schedule
 
 
-def add_images(storage: LocalStorage, schedule: Schedule, names: list[str], data: bytes | None = None) -> None:
+def add_images(storage: Storage, schedule: Schedule, names: list[str], data: bytes | None = None) -> None:
     for index, name in enumerate(names):
         storage.put_bytes(f"{schedule.source_prefix}{name}", data if data is not None else png(index), "image/png")
 
@@ -96,7 +110,7 @@ def run_once(factory, storage, schedule: Schedule, settings: Settings, now: date
         return session.get(Run, run_id)
 
 
-def metadata(storage: LocalStorage, schedule: Schedule) -> list[dict]:
+def metadata(storage: Storage, schedule: Schedule) -> list[dict]:
     lines = storage.get_bytes(runs.metadata_key(schedule.target_prefix)).decode().splitlines()
     return [json.loads(line) for line in lines]
 
