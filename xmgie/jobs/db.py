@@ -22,6 +22,13 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the database lock before giving up."""
 
 
+def upsert_insert(session: Session) -> Any:
+    """The INSERT construct of the session's dialect, with ``on_conflict_do_nothing`` (PostgreSQL or SQLite)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
 def engine_url(url: str | URL) -> URL:
     """The URL with a driver that is installed: ``postgresql://`` and ``postgres://`` become ``postgresql+psycopg``."""
     parsed = make_url(url)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from xmgie.editing.options import merge_options
 from xmgie.jobs import transitions
+from xmgie.jobs.db import upsert_insert
 from xmgie.jobs.models import Augmentation, Item, Job, Run, Schedule, utc_now
 from xmgie.jobs.schedules import (
     METADATA_FILE,
@@ -64,12 +65,6 @@ class StartedRun:
 
 
 # --- Firing --------------------------------------------------------------------------------------------------------
-
-
-def _upsert(session: Session):
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def fire_due_schedules(*, session_factory: SessionFactory, now: datetime | None = None) -> list[uuid.UUID]:
@@ -131,7 +126,7 @@ def _insert_run(session: Session, schedule_id: uuid.UUID, slot: datetime, trigge
         "created_at": now,
     }
     statement = (
-        _upsert(session)(Run)
+        upsert_insert(session)(Run)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["schedule_id", "slot"])
         .returning(Run.id)

@@ -20,9 +20,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from xmgie.jobs.db import upsert_insert
 from xmgie.jobs.exceptions import (
     InvalidJobError,
     JobAlreadyTerminalError,
@@ -63,11 +63,6 @@ def _as_item_spec(index: int, item: ItemSpec | Mapping[str, Any]) -> ItemSpec:
         return ItemSpec(**item)
     except TypeError as error:
         raise InvalidJobError(f"item {index} is incomplete: {error}") from error
-
-
-def _upsert(session: Session) -> Any:
-    """The dialect's INSERT with ON CONFLICT support."""
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def _lock_job(session: Session, job_filter: ColumnElement[bool], now: datetime) -> Job | None:
@@ -153,7 +148,7 @@ def create_job(
         "updated_at": now,
     }
     statement = (
-        _upsert(session)(Job)
+        upsert_insert(session)(Job)
         .values(**job_row)
         .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
         .returning(Job.id)
