@@ -147,6 +147,7 @@ def edit_items(self: Task, item_ids: list[str]) -> dict[str, int]:
         item_ids=[uuid.UUID(str(item_id)) for item_id in item_ids],
         worker=worker_id(self.request.hostname),
         settings=shared.settings,
+        on_jobs_finished=lambda job_ids: publish_pending_webhooks(shared, job_ids),
     )
     counts: dict[str, int] = {}
     for outcome in outcomes:
@@ -154,12 +155,15 @@ def edit_items(self: Task, item_ids: list[str]) -> dict[str, int]:
     retried = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
     if retried:
         publish_edits(retried, shared.settings.micro_batch_size)
-    job_ids = list({outcome.job_id for outcome in outcomes if outcome.job_id is not None})
+    logger.info("edit_items %s: %s", item_ids, counts)
+    return counts
+
+
+def publish_pending_webhooks(shared: Resources, job_ids: list[uuid.UUID]) -> None:
+    """Publish the delivery of the pending webhooks among these just-ended jobs."""
     with shared.session_factory() as session:
         for job_id in webhooks.pending_webhooks_of(session=session, job_ids=job_ids):
             publish_webhook(job_id)
-    logger.info("edit_items %s: %s", item_ids, counts)
-    return counts
 
 
 def publish_webhook(job_id: uuid.UUID, countdown: float | None = None) -> None:

@@ -108,11 +108,14 @@ def process_items(
     item_ids: Sequence[uuid.UUID],
     worker: str,
     settings: Settings,
+    on_jobs_finished: Callable[[list[uuid.UUID]], None] | None = None,
 ) -> list[ItemOutcome]:
     """Claim, load, edit and record ``item_ids`` as one micro-batch; one outcome per id, in order.
 
     Never raises for a problem of an item (bad input, editor failure, storage failure, lost lease); database
     errors are the caller's (the items keep their leases and the reconciler takes them back).
+    ``on_jobs_finished(job_ids)`` is called with the jobs of these items that have ended, if any, after their
+    manifests are written (the workers publish their webhooks there).
     """
     outcomes: dict[uuid.UUID, ItemOutcome] = {}
     claimed: list[_Claimed] = []
@@ -148,7 +151,9 @@ def process_items(
     for entry in claimed:
         assert entry.outcome is not None
         outcomes[entry.id] = entry.outcome
-    _write_finished_manifests(session_factory, storage, list(outcomes))
+    finished = _write_finished_manifests(session_factory, storage, list(outcomes))
+    if finished and on_jobs_finished is not None:
+        on_jobs_finished(finished)
     return [outcomes[item_id] for item_id in item_ids]
 
 
@@ -348,10 +353,13 @@ def _record(
     return ItemOutcome(entry.id, "succeeded", entry.job_id, entry.index)
 
 
-def _write_finished_manifests(session_factory: SessionFactory, storage: Storage, item_ids: list[uuid.UUID]) -> None:
-    """Write the results manifest of each job of ``item_ids`` that has no queued or running items left."""
+def _write_finished_manifests(
+    session_factory: SessionFactory, storage: Storage, item_ids: list[uuid.UUID]
+) -> list[uuid.UUID]:
+    """Write the results manifest of each job of ``item_ids`` that has no queued or running items left (and publish
+    its augmentation run, if it is one); those jobs."""
     if not item_ids:
-        return
+        return []
     with _transaction(session_factory) as session:
         query = select(Job.id, Job.status).where(Job.id.in_(select(Item.job_id).where(Item.id.in_(item_ids))))
         finished = [job_id for job_id, status in session.execute(query) if JobStatus(status).is_terminal()]
@@ -365,3 +373,4 @@ def _write_finished_manifests(session_factory: SessionFactory, storage: Storage,
         runs.publish_runs_of_jobs(session_factory=session_factory, storage=storage, job_ids=finished)
     except Exception:  # noqa: BLE001 - the schedule dispatcher's sweep publishes what is left
         logger.exception("publishing the augmentation runs of jobs %s failed", finished)
+    return finished
