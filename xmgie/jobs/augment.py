@@ -42,16 +42,14 @@ from sqlalchemy.orm import Session
 from xmgie.editing.errors import EditInputError
 from xmgie.jobs import runs
 from xmgie.jobs.batch import (
-    STATE_DIR,
     batch_settings,
     command_settings,
     copy_if_changed,
+    local_state,
     local_tenant,
     process_locally,
 )
-from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import Editor, lazy_pipeline_editor
-from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Augmentation, Item, Run, Schedule, utc_now
 from xmgie.jobs.processing import ItemOutcome
 from xmgie.jobs.schedules import (
@@ -69,7 +67,7 @@ from xmgie.jobs.schedules import (
 )
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.statuses import ItemStatus
-from xmgie.jobs.storage import ObjectNotFoundError, Storage, data_prefix, storage_from_settings
+from xmgie.jobs.storage import ObjectNotFoundError, Storage, data_prefix
 
 SCHEDULE_NAME = "augment"
 """Name of the local tenant's schedule that ``xmgie augment`` runs."""
@@ -434,15 +432,7 @@ def run_augment(
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ValueError(f"no images in {source_dir} (files ending in {suffixes}; hidden ones are skipped)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / STATE_DIR).mkdir(exist_ok=True)
-
-    upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    try:
-        session_factory = make_session_factory(engine)
-        storage = storage_from_settings(settings, create_bucket=True)
-        storage.check()
+    with local_state(output_dir, settings) as (session_factory, storage):
         worker = f"xmgie-augment@{socket.gethostname()}:{os.getpid()}"
         with session_factory() as session, session.begin():
             tenant_id = local_tenant(session)
@@ -474,8 +464,7 @@ def run_augment(
             image_count, item_count = run.image_count, run.item_count
         rows = mirror_dataset(storage, target_prefix, output_dir, _output_sha256s(session_factory, schedule_id))
         failed = _failures(session_factory, outcomes, source_prefix)
-    finally:
-        engine.dispose()
+
     planned_total = image_count * len(instructions) * variants
     return AugmentReport(
         schedule_id=schedule_id,

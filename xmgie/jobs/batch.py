@@ -21,7 +21,8 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,22 @@ class Progress:
             self.bar.close()
 
 
+@contextmanager
+def local_state(output_dir: Path, settings: Settings) -> Iterator[tuple[SessionFactory, Storage]]:
+    """The database (migrated) and storage of a local command, with ``output_dir/.xmgie`` created; the engine is
+    disposed of when the block ends."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / STATE_DIR).mkdir(exist_ok=True)
+    upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        storage = storage_from_settings(settings, create_bucket=True)
+        storage.check()
+        yield make_session_factory(engine), storage
+    finally:
+        engine.dispose()
+
+
 def process_locally(
     session_factory: SessionFactory,
     storage: Storage,
@@ -409,15 +426,7 @@ def run_batch(
     started = time.perf_counter()
     manifest_bytes = manifest.read_bytes()
     entries = read_manifest(manifest, steps=steps, max_side=max_side)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / STATE_DIR).mkdir(exist_ok=True)
-
-    upgrade_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    try:
-        session_factory = make_session_factory(engine)
-        storage = storage_from_settings(settings, create_bucket=True)
-        storage.check()
+    with local_state(output_dir, settings) as (session_factory, storage):
         worker = f"xmgie-batch@{socket.gethostname()}:{os.getpid()}"
         key = idempotency_key(manifest_bytes, {"num_inference_steps": steps, "max_side": max_side})
         job_id, created = _create_or_resume(session_factory, storage, entries, key, manifest, worker, settings)
@@ -433,8 +442,7 @@ def run_batch(
             counts = {status.value: number for status, number in job.counts.items()}
             items = list(session.execute(select(Item).where(Item.job_id == job_id).order_by(Item.index)).scalars())
         results_path, sheet_path = write_outputs(output_dir, storage, entries, items)
-    finally:
-        engine.dispose()
+
     return BatchReport(
         job_id=job_id,
         resumed=not created,
