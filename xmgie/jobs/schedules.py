@@ -107,16 +107,21 @@ def check_timing(cron: str | None, interval_seconds: int | None, timezone: str) 
         raise ScheduleError("invalid_interval", f"interval_seconds must be at least {MIN_INTERVAL_SECONDS}")
 
 
-def check_source_prefix(prefix: str, tenant_id: uuid.UUID) -> str:
-    """A source folder inside the tenant's space (``data/<tenant>/...`` or ``uploads/<tenant>/...``), ending with
-    ``/`` (so ``photos`` never also matches ``photos2/``)."""
-    own = (data_prefix(tenant_id), f"uploads/{tenant_id}/")
+def _folder(prefix: str, what: str, code: str) -> str:
+    """``prefix`` as a safe folder prefix ending with ``/`` (so ``photos`` never also matches ``photos2/``)."""
     if not prefix.endswith("/"):
         prefix += "/"
     try:
-        validate_prefix(prefix)
+        return validate_prefix(prefix)
     except InvalidKeyError as error:
-        raise ScheduleError("source_outside_tenant_space", f"source prefix {prefix!r}: {error}") from None
+        raise ScheduleError(code, f"{what} prefix {prefix!r}: {error}") from None
+
+
+def check_source_prefix(prefix: str, tenant_id: uuid.UUID) -> str:
+    """A source folder inside the tenant's space (``data/<tenant>/...`` or ``uploads/<tenant>/...``), ending with
+    ``/``."""
+    own = (data_prefix(tenant_id), f"uploads/{tenant_id}/")
+    prefix = _folder(prefix, "source", "source_outside_tenant_space")
     if not prefix.startswith(own):
         raise ScheduleError(
             "source_outside_tenant_space", f"source prefix {prefix!r} must start with {own[0]!r} or {own[1]!r}"
@@ -146,12 +151,7 @@ def check_target_prefix(
     """A target prefix in the tenant's data space, ending with ``/``, apart from the source: a target inside the
     source would feed each run's outputs to the next run (``target_overlaps_source``)."""
     own = data_prefix(tenant_id)
-    if not prefix.endswith("/"):
-        prefix += "/"
-    try:
-        validate_prefix(prefix)
-    except InvalidKeyError as error:
-        raise ScheduleError("target_outside_tenant_space", f"target prefix {prefix!r}: {error}") from None
+    prefix = _folder(prefix, "target", "target_outside_tenant_space")
     if not prefix.startswith(own) or prefix == own:
         raise ScheduleError("target_outside_tenant_space", f"target prefix {prefix!r} must be a folder under {own!r}")
     if source_prefix is not None and (prefix.startswith(source_prefix) or source_prefix.startswith(prefix)):
