@@ -291,9 +291,20 @@ def test_uploads_with_a_path_go_to_the_tenants_data_space(
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_upload"
     missing = submit(client, auth, f"data/{tenant}/photos/dog.png")
     assert missing.status_code == 422 and missing.json()["error"]["code"] == "unknown_upload"
-    for bad_path in ("../escape.png", "/abs.png", "a//b.png", "folder/"):
+    for bad_path in (
+        "../escape.png",
+        "/abs.png",
+        "a//b.png",
+        "folder/",
+        "%2e%2e/escape.png",
+        "a/%2E%2e/%252e%252e/x.png",
+    ):
         response = client.post(
             "/v1/uploads", headers=auth, data={"path": bad_path}, files={"file": ("c.png", png_bytes(), "image/png")}
         )
         assert response.status_code == 422, bad_path
         assert response.json()["error"]["code"] == "invalid_path"
+    # Nothing was stored under a literal '%2e%2e' folder, and no job can refer to one.
+    assert not [path for path in (settings.data_dir / "storage").rglob("*") if "%" in path.name]
+    encoded = submit(client, auth, f"data/{tenant}/%2e%2e/{tenant}/photos/cat.png")
+    assert encoded.status_code == 422 and encoded.json()["error"]["code"] == "unknown_upload"

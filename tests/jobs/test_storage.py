@@ -25,6 +25,7 @@ from xmgie.jobs.storage import (
     output_key,
     storage_from_url,
     upload_key,
+    validate_prefix,
 )
 
 CREDENTIALS = S3_CREDENTIALS
@@ -123,6 +124,25 @@ def test_bad_keys_are_refused(storage: Storage, key: str) -> None:
         storage.put_bytes(key, b"x", "image/png")
     with pytest.raises(InvalidKeyError):
         storage.get_bytes(key)
+
+
+@pytest.mark.parametrize(
+    "key", ["%2e%2e/escape", "jobs/%2E%2E/%2e%2e/etc/passwd", "a/%2e/b", ".%2e/x", "%252e%252e/x", "..%2fx", "%2fabs"]
+)
+def test_percent_encoded_dot_segments_are_refused_like_plain_ones(tmp_path: Path, key: str) -> None:
+    store = LocalStorage(tmp_path / "store")
+    with pytest.raises(InvalidKeyError):
+        store.put_bytes(key, b"x", "image/png")
+    with pytest.raises(InvalidKeyError):
+        validate_prefix(key.rsplit("/", 1)[0] + "/")
+    assert not any(path.is_file() for path in tmp_path.rglob("*"))
+
+
+def test_percent_signs_that_decode_to_a_safe_path_are_kept_as_written(storage: Storage) -> None:
+    for key in ("photos/100%.png", "photos/a%20b.png", "photos/%2e%2ehidden.png"):
+        storage.put_bytes(key, key.encode(), "image/png")
+    assert storage.list_keys("photos/") == ["photos/%2e%2ehidden.png", "photos/100%.png", "photos/a%20b.png"]
+    assert storage.get_bytes("photos/a%20b.png") == b"photos/a%20b.png"
 
 
 def test_key_helpers_layout() -> None:

@@ -106,34 +106,49 @@ def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise :class:`InvalidKeyError`.
 
     Refused: empty keys, absolute paths, backslashes, NUL bytes, empty, ``.`` or ``..`` segments, and names the
-    local backend reserves for its partial writes.
+    local backend reserves for its partial writes — as written and once percent-escapes are decoded, so
+    ``%2e%2e/x`` is refused like ``../x`` (a proxy, a browser or an S3 tool may decode it on the way).
     """
     if not isinstance(key, str) or not key:
         raise InvalidKeyError(f"key must be a non-empty string, got {key!r}")
-    _check_path_text(key, key)
-    if key.endswith("/"):
-        raise InvalidKeyError(f"key must name an object, not a folder: {key!r}")
-    for part in key.split("/"):
-        if part in {"", ".", ".."}:
-            raise InvalidKeyError(f"key has an empty, '.' or '..' segment: {key!r}")
-        if _is_partial_name(part):
-            raise InvalidKeyError(f"key segment {part!r} is reserved for partial writes: {key!r}")
+    for text in _as_written_and_decoded(key):
+        _check_path_text(text, key)
+        if text.endswith("/"):
+            raise InvalidKeyError(f"key must name an object, not a folder: {key!r}")
+        for part in text.split("/"):
+            if part in {"", ".", ".."}:
+                raise InvalidKeyError(f"key has an empty, '.' or '..' segment (percent-encoded or not): {key!r}")
+            if _is_partial_name(part):
+                raise InvalidKeyError(f"key segment {part!r} is reserved for partial writes: {key!r}")
     return key
 
 
 def validate_prefix(prefix: str) -> str:
-    """Return ``prefix`` if it is a safe listing prefix (``""``, ``"jobs/"``, ``"jobs/abc"``), else raise."""
+    """Return ``prefix`` if it is a safe listing prefix (``""``, ``"jobs/"``, ``"jobs/abc"``), else raise.
+
+    Checked like :func:`validate_key`, as written and percent-decoded.
+    """
     if not isinstance(prefix, str):
         raise InvalidKeyError(f"prefix must be a string, got {prefix!r}")
     if not prefix:
         return prefix
-    _check_path_text(prefix, prefix)
-    parts = prefix.split("/")
-    if parts[-1] == "":
-        parts = parts[:-1]
-    if any(part in {"", ".", ".."} for part in parts):
-        raise InvalidKeyError(f"prefix has an empty, '.' or '..' segment: {prefix!r}")
+    for text in _as_written_and_decoded(prefix):
+        _check_path_text(text, prefix)
+        parts = text.split("/")
+        if parts[-1] == "":
+            parts = parts[:-1]
+        if any(part in {"", ".", ".."} for part in parts):
+            raise InvalidKeyError(f"prefix has an empty, '.' or '..' segment (percent-encoded or not): {prefix!r}")
     return prefix
+
+
+def _as_written_and_decoded(text: str) -> list[str]:
+    """``text``, and the text its percent-escapes decode to (repeatedly, so ``%252e`` counts as ``.``) if it
+    differs."""
+    decoded = text
+    while (once := unquote(decoded)) != decoded:
+        decoded = once
+    return [text] if decoded == text else [text, decoded]
 
 
 def _check_path_text(text: str, key: str) -> None:
