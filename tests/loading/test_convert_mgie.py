@@ -232,7 +232,8 @@ def make_release(root: Path, *, clip_layout: str = "clip_model", llava_format: s
     else:
         save_file({k: v.contiguous() for k, v in llava_weights.items()}, llava_dir / "model.safetensors")
 
-    # mllm.pt: resized embeddings and LM head, the edit head under model.edit_head, the [IMG] embeddings.
+    # mllm.pt: resized embeddings and LM head, the edit head under edit_head (an attribute of MGIE's causal LM,
+    # not of its inner model), the [IMG] embeddings.
     vocab = llava_vocab + len(IMG_TOKENS)
     head = EditMapper(llm_hidden_size=HIDDEN, cross_attention_dim=CROSS_DIM, **EDIT_HEAD)
     mllm = {
@@ -240,7 +241,7 @@ def make_release(root: Path, *, clip_layout: str = "clip_model", llava_format: s
         "lm_head.weight": torch.randn(vocab, HIDDEN),
         "emb": torch.randn(1, len(IMG_TOKENS), HIDDEN),
     }
-    mllm.update({f"model.edit_head.{k}": v.clone() for k, v in head.state_dict().items() if k != "img_embeddings"})
+    mllm.update({f"edit_head.{k}": v.clone() for k, v in head.state_dict().items() if k != "img_embeddings"})
     mllm_ckpt = root / "mgie_7b" / "mllm.pt"
     mllm_ckpt.parent.mkdir()
     torch.save(mllm, mllm_ckpt)
@@ -336,9 +337,7 @@ def test_weights_land_in_the_right_modules(release: Release, pipe) -> None:
     )
 
     head = pipe.edit_head.state_dict()
-    expected_head = {
-        k.removeprefix("model.edit_head."): v for k, v in release.mllm.items() if k.startswith("model.edit_head.")
-    }
+    expected_head = {k.removeprefix("edit_head."): v for k, v in release.mllm.items() if k.startswith("edit_head.")}
     assert set(head) == set(expected_head) | {"img_embeddings"}
     for key, value in expected_head.items():
         assert _equal(head[key], value), key
@@ -467,10 +466,34 @@ def test_missing_unet_ckpt_raises(release: Release, tmp_path: Path) -> None:
 
 
 def test_missing_edit_head_raises(release: Release, tmp_path: Path) -> None:
-    bad = {k: v for k, v in release.mllm.items() if not k.startswith("model.edit_head.")}
+    bad = {k: v for k, v in release.mllm.items() if not k.startswith("edit_head.")}
     torch.save(bad, tmp_path / "mllm.pt")
-    with pytest.raises(ValueError, match="edit head"):
+    with pytest.raises(ValueError, match=r"lacks the edit head \('edit_head\.\*'\)"):
         convert_mgie(**release.inputs(mllm_ckpt=tmp_path / "mllm.pt", output_dir=tmp_path / "out"))
+
+
+def test_without_emb_the_img_embeddings_are_the_last_rows_of_embed_tokens(release: Release, tmp_path: Path) -> None:
+    # MGIE's extraction notebook saves embed_tokens, lm_head and the edit head, but no 'emb'.
+    saved = {k: v for k, v in release.mllm.items() if k != "emb"}
+    torch.save(saved, tmp_path / "mllm.pt")
+    out = convert_mgie(
+        **release.inputs(mllm_ckpt=tmp_path / "mllm.pt", output_dir=tmp_path / "out"), dtype=torch.float32
+    )
+    head = load_file(out / "edit_head" / "diffusion_pytorch_model.safetensors")
+    embed_tokens = release.mllm["model.embed_tokens.weight"]
+    assert _equal(head["img_embeddings"], embed_tokens[-len(IMG_TOKENS) :])
+    assert not _equal(head["img_embeddings"], release.mllm["emb"][0])
+
+
+def test_an_unapplied_llava_delta_is_refused(tmp_path: Path) -> None:
+    release = make_release(tmp_path / "release", llava_format="safetensors")
+    weights = load_file(release.llava_dir / "model.safetensors")
+    # A delta holds target − LLaMA: the final norm's gains (≈ 1 in real weights) average ≈ 0.
+    weights["model.norm.weight"] = 0.01 * torch.randn(HIDDEN)
+    save_file(weights, release.llava_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=r"un-applied delta: model\.norm\.weight averages -?0\.0\d\d.*apply_delta"):
+        convert_mgie(**release.inputs(output_dir=tmp_path / "out"), dtype=torch.float32)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unet_ckpt_with_wrong_keys_raises(release: Release, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ MGIE ships its trained parts on top of three public models, and its demo assembl
 * ``openai/clip-vit-large-patch14``: the vision tower (LLaVA reads layer ``-2`` without the CLS token);
 * ``timbrooks/instruct-pix2pix``: UNet configuration, VAE and scheduler;
 * ``mllm.pt``: the word embeddings and LM head resized for the eight ``[IMG]`` tokens, the edit head
-  (``model.edit_head.*``) and the ``[IMG]`` embeddings ``emb``; ``unet.pt``: the fine-tuned UNet.
+  (``edit_head.*``) and, in the demo's copy, the ``[IMG]`` embeddings ``emb``; ``unet.pt``: the fine-tuned UNet.
 
 Mapping notes:
 
@@ -23,9 +23,12 @@ Mapping notes:
 * Projector: ``transformers``' LLaVA projector is ``linear_2(act(linear_1(x)))``. LLaVA v1's single linear
   ``model.mm_projector`` becomes ``linear_1``, the activation is ``"linear"`` (identity) and ``linear_2``
   is the identity matrix with zero bias, so the composition equals the original projector exactly.
-* Edit head: ``model.edit_head.*`` → ``edit_head`` (same parameter names); ``emb`` (1, 8, H) →
-  ``edit_head.img_embeddings`` (8, H). The number of attention heads cannot be read from the weights;
-  MGIE uses 4.
+* Edit head: ``edit_head.*`` → ``edit_head`` (same parameter names); ``emb`` (1, 8, H) →
+  ``edit_head.img_embeddings`` (8, H). A checkpoint without ``emb`` (MGIE's extraction notebook does not
+  save it) takes the ``[IMG]`` rows of ``embed_tokens``, the last eight, which is what MGIE's training feeds
+  the edit head. The number of attention heads cannot be read from the weights; MGIE uses 4.
+* LLaVA-7B v1 is released as a delta on LLaMA-7B; a directory whose delta was not applied is refused
+  (its ``model.norm.weight`` averages about 0, where applied weights average about 1).
 * UNet: ``unet.pt`` (diffusers key names) loaded strictly into InstructPix2Pix's UNet configuration.
 """
 
@@ -63,6 +66,9 @@ StateDict = dict[str, torch.Tensor]
 
 MGIE_EDIT_HEAD_HEADS = 4
 """Attention heads of MGIE's edit head (``nn.Transformer(nhead=4)``); not recoverable from weight shapes."""
+
+DELTA_NORM_MEAN_BELOW = 0.5
+"""LLaVA weights whose ``model.norm.weight`` averages below this (in absolute value) are an un-applied delta."""
 
 _TEXT_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 _CLIP_DROPPED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
@@ -342,10 +348,24 @@ def _build_mllm(config: LlavaConfig, state: StateDict, dtype: torch.dtype) -> Ll
     return mllm.to(dtype).eval()
 
 
+def _refuse_llava_delta(text: StateDict, llava_dir: Path) -> None:
+    """Refuse LLaVA weights that are still a delta on LLaMA: the final RMS norm's gains average ≈ 0, not ≈ 1."""
+    norm = text.get("norm.weight")
+    if norm is None:
+        return
+    mean = norm.float().mean().item()
+    if abs(mean) < DELTA_NORM_MEAN_BELOW:
+        raise ValueError(
+            f"LLaVA weights in {str(llava_dir)!r} look like an un-applied delta: model.norm.weight averages "
+            f"{mean:.3f} (applied weights average about 1). Apply the delta to LLaMA-7B first "
+            "(LLaVA's `python -m llava.model.apply_delta --base LLAMA --target OUT --delta DELTA`)."
+        )
+
+
 def _build_edit_head(state: StateDict, emb: torch.Tensor, llm_hidden_size: int, nhead: int) -> EditMapper:
     for key in ("llm2hid.weight", "query", "hid2feat.weight", "mapper.encoder.layers.0.linear1.weight"):
         if key not in state:
-            raise ValueError(f"mllm.pt lacks the edit head key 'model.edit_head.{key}'")
+            raise ValueError(f"mllm.pt lacks the edit head key 'edit_head.{key}'")
     d_model, in_features = state["llm2hid.weight"].shape
     if in_features != llm_hidden_size:
         raise ValueError(
@@ -480,14 +500,17 @@ def convert_mgie(
                 f"mllm.pt {name} has {tensor.shape[0]} rows but the tokenizer has {len(tokenizer)} tokens "
                 f"(LLaVA's tokenizer plus the MLLM and {NUM_IMG_TOKENS} [IMG] tokens)"
             )
-    if "emb" not in mgie:
-        raise ValueError(f"{str(mllm_ckpt)!r} lacks the [IMG] embeddings 'emb'")
     if "edit_head" not in mgie:
-        raise ValueError(f"{str(mllm_ckpt)!r} lacks the edit head ('model.edit_head.*')")
+        raise ValueError(f"{str(mllm_ckpt)!r} lacks the edit head ('edit_head.*')")
     hidden = llava_config.get("hidden_size")
     if not isinstance(hidden, int):
         raise ValueError(f"LLaVA config {str(llava_dir / 'config.json')!r} lacks an integer 'hidden_size'")
-    edit_head = _build_edit_head(mgie["edit_head"], mgie["emb"]["emb"], hidden, edit_head_heads).to(dtype)
+    if "emb" in mgie:
+        emb = mgie["emb"]["emb"]
+    else:
+        # MGIE's training feeds the edit head embed_tokens' [IMG] rows; its extraction notebook saves no 'emb'.
+        emb = mgie_text["embed_tokens.weight"][tokenizer.convert_tokens_to_ids(IMG_TOKENS)]
+    edit_head = _build_edit_head(mgie["edit_head"], emb, hidden, edit_head_heads).to(dtype)
 
     # The UNet next, still before the LLaVA weights, so its key or width mismatches also fail early.
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(ip2p_dir / "unet"))
@@ -505,6 +528,7 @@ def convert_mgie(
         f"LLaVA weights in {str(llava_dir)!r}",
         {"text", "lm_head", "projector", "vision"},
     )
+    _refuse_llava_delta(llava.get("text", {}), llava_dir)
     text = {**llava.get("text", {}), **mgie_text}
     lm_head = {**llava.get("lm_head", {}), **mgie_head}
     projector = {**llava.get("projector", {}), **mgie.get("projector", {})}
