@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import gradient_image
 from PIL import Image
 from tokenizers import pre_tokenizers
 
+from tests.conftest import gradient_image
 from xmgie.eval_arguments import add_eval_arguments
 from xmgie.metrics import (
     ClipEncoder,

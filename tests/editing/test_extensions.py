@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import gradient_image
 from PIL import Image
 from scipy import ndimage
 
+from tests.conftest import gradient_image
 from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
 from xmgie.editing.blur import DEFAULT_SIGMA_MAX, resize_mask
 from xmgie.editing.images import mask_to_tensor

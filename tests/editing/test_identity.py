@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gradient_image, synthetic_release
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.conftest import gradient_image, synthetic_release
 from xmgie.editing.identity import (
     IdentityAdapter,
     build_tiny_identity_components,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import gradient_image
 
+from tests.conftest import gradient_image
 from xmgie.editing.mllm import (
     IMG_TOKENS,
     NUM_IMG_TOKENS,

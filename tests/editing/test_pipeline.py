@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import gradient_image
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -16,6 +15,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from tests.conftest import gradient_image
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import load_image
 from xmgie.editing.pipeline import XMGIEPipeline
