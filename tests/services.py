@@ -30,6 +30,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte, as a frozen service does
+    (its kernel still completes connections); yields its port. Connections are closed when the block ends."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(connection)
+
+    thread = threading.Thread(target=accept, name="silent-server", daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
 def wait_until_answering(url: str, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
     """Poll ``url`` until it answers (any HTTP status); fail the test if ``process`` exits or time runs out."""
     deadline = time.monotonic() + timeout

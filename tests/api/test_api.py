@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from sqlalchemy import Engine, select
 
 from api.main import create_app
 from tests.api.conftest import MAX_ITEMS, MAX_UPLOAD_BYTES, Dispatched, png_bytes, submit, upload
+from tests.services import silent_server
+from xmgie.jobs.auth import create_api_key
 from xmgie.jobs.db import session_scope
+from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Item
 from xmgie.jobs.settings import Settings
 from xmgie.jobs.storage import LocalStorage, manifest_key, output_key
@@ -265,6 +269,74 @@ def test_readiness_names_an_unreachable_broker(settings: Settings) -> None:
     assert response.status_code == 503
     assert response.json()["checks"]["broker"].startswith("error")
     assert "broker" in response.json()["error"]["message"]
+
+
+def _frozen_s3(tmp_path: Path, port: int, **update: object) -> Settings:
+    """Settings of an API on a migrated SQLite file whose S3 endpoint is the silent server at ``port``."""
+    database_url = f"sqlite:///{tmp_path / 'frozen.db'}"
+    upgrade_database(database_url)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        storage_url="s3://frozen",
+        s3_endpoint_url=f"http://127.0.0.1:{port}",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        **update,
+    )
+
+
+def test_readiness_answers_not_ready_in_time_when_the_storage_accepts_and_never_replies(tmp_path: Path) -> None:
+    with silent_server() as port, TestClient(create_app(_frozen_s3(tmp_path, port))) as client:
+        started = time.monotonic()
+        response = client.get("/readyz")
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable" and body["error"]["code"] == "not_ready"
+    assert body["checks"]["database"] == "ok" and body["checks"]["storage"].startswith("error")
+    assert body["error"]["message"] == "not ready: storage failed"
+    # It answered instead of waiting out a 60 s read timeout (the probe timeout is 1 s by default).
+    assert elapsed < 10
+
+
+def test_readiness_answers_in_time_when_every_service_accepts_and_never_replies(tmp_path: Path) -> None:
+    with silent_server() as s3_port, silent_server() as database_port, silent_server() as broker_port:
+        frozen = _frozen_s3(
+            tmp_path, s3_port, broker_url=f"redis://127.0.0.1:{broker_port}/0", probe_timeout_seconds=0.5
+        )
+        # Connecting to a PostgreSQL server that never answers waits for as long as the driver lets it.
+        frozen = frozen.model_copy(update={"database_url": f"postgresql://postgres@127.0.0.1:{database_port}/xmgie"})
+        with TestClient(create_app(frozen)) as client:
+            started = time.monotonic()
+            response = client.get("/readyz")
+            elapsed = time.monotonic() - started
+
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert all(checks[part].startswith("error") for part in ("database", "storage", "broker")), checks
+    assert response.json()["error"]["message"] == "not ready: database, storage, broker failed"
+    assert elapsed < 10
+
+
+def test_an_upload_to_a_storage_that_never_replies_fails_with_storage_unavailable(tmp_path: Path) -> None:
+    timeouts = {"storage_connect_timeout_seconds": 0.3, "storage_read_timeout_seconds": 0.3}
+    with silent_server() as port, TestClient(create_app(_frozen_s3(tmp_path, port, **timeouts))) as client:
+        with session_scope(client.app.state.engine) as session:
+            key = create_api_key(session=session, tenant_name="frozen-storage")
+        started = time.monotonic()
+        response = client.post(
+            "/v1/uploads",
+            headers={"Authorization": f"Bearer {key}"},
+            files={"file": ("in.png", png_bytes(), "image/png")},
+        )
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    # Three attempts of XMGIE_STORAGE_READ_TIMEOUT_SECONDS each, not of a 60 s read timeout.
+    assert elapsed < 10
 
 
 def test_uploads_with_a_path_go_to_the_tenants_data_space(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.services import S3_CREDENTIALS, free_port, moto_server
+from tests.services import S3_CREDENTIALS, free_port, moto_server, silent_server
 from xmgie.jobs.storage import (
     InvalidKeyError,
     LocalStorage,
@@ -227,6 +228,27 @@ def test_s3_check_raises_when_nothing_listens() -> None:
     store = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", **CREDENTIALS)
     with pytest.raises(StorageUnavailableError):
         store.check()
+
+
+def test_s3_requests_give_up_within_their_timeouts_when_the_endpoint_never_answers() -> None:
+    with silent_server() as port:
+        store = S3Storage(
+            "bucket",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            max_attempts=1,
+            read_timeout=0.5,
+            probe_timeout=0.5,
+            **CREDENTIALS,
+        )
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailableError):
+            store.check()
+        with pytest.raises(StorageUnavailableError):
+            store.put_bytes("jobs/j/0.png", b"x", "image/png")
+        with pytest.raises(StorageUnavailableError):
+            store.get_bytes("jobs/j/0.png")
+    # Far below the 60 s read timeout each request waited for before.
+    assert time.monotonic() - started < 10
 
 
 def test_s3_check_raises_for_a_missing_bucket(moto_port: int) -> None:

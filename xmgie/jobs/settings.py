@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
+    storage_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    """How long opening a connection to the S3 endpoint may take before the request fails (and is retried)."""
+    storage_read_timeout_seconds: float = Field(default=5.0, gt=0)
+    """How long the S3 endpoint may stay silent on an open connection before the request fails (and is retried)."""
+    probe_timeout_seconds: float = Field(default=1.0, gt=0)
+    """How long ``/readyz`` waits for the database, the storage and the broker (checked side by side) before it
+    reports the silent ones as failed."""
 
     # The model.
     model: str = "tiny"

@@ -341,6 +341,9 @@ class S3Storage:
     ``endpoint_url`` is where this process reaches the service (e.g. ``http://minio:9000`` inside docker-compose);
     ``public_endpoint_url`` is where clients fetch presigned URLs from (e.g. ``http://localhost:9000``). Presigned
     URLs are signed by a second client configured with the public endpoint, because the signature covers the host.
+    Each attempt of a request (``max_attempts`` in all) waits at most ``connect_timeout`` to connect and
+    ``read_timeout`` for an answer, so a frozen endpoint fails a request instead of holding it; ``check`` makes a
+    single attempt bounded by ``probe_timeout``.
     """
 
     def __init__(
@@ -355,8 +358,9 @@ class S3Storage:
         create_bucket: bool = False,
         prefix: str = "",
         max_attempts: int = 3,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 5.0,
+        probe_timeout: float = 1.0,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -376,22 +380,26 @@ class S3Storage:
             aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key, region_name=region
         )
 
-        def make_client(endpoint: str | None, attempts: int, connect: float) -> Any:
+        def make_client(endpoint: str | None, attempts: int, connect: float, read: float) -> Any:
             config = Config(
                 s3={"addressing_style": "path"},
                 signature_version="s3v4",
-                retries={"max_attempts": attempts, "mode": "standard"},
+                # botocore's "max_attempts" counts retries after the first try; "total_max_attempts" counts all.
+                retries={"total_max_attempts": attempts, "mode": "standard"},
                 connect_timeout=connect,
-                read_timeout=read_timeout,
+                read_timeout=read,
             )
             return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
-        self._client = make_client(endpoint_url, max_attempts, connect_timeout)
+        self._client = make_client(endpoint_url, max_attempts, connect_timeout, read_timeout)
         self._presign_client = (
-            make_client(public_endpoint_url, max_attempts, connect_timeout) if public_endpoint_url else self._client
+            make_client(public_endpoint_url, max_attempts, connect_timeout, read_timeout)
+            if public_endpoint_url
+            else self._client
         )
-        # Readiness probes answer quickly: one attempt, short connect timeout.
-        self._probe_client = make_client(endpoint_url, 1, min(connect_timeout, 2.0))
+        # Readiness probes answer quickly, also from an endpoint that accepts connections and never replies: one
+        # attempt, and the probe's timeout for connecting and for the answer.
+        self._probe_client = make_client(endpoint_url, 1, probe_timeout, probe_timeout)
         if create_bucket:
             self.ensure_bucket()
 
@@ -614,4 +622,7 @@ def storage_from_settings(settings: Settings, *, create_bucket: bool = False) ->
         access_key_id=settings.s3_access_key_id,
         secret_access_key=settings.s3_secret_access_key,
         create_bucket=create_bucket,
+        connect_timeout=settings.storage_connect_timeout_seconds,
+        read_timeout=settings.storage_read_timeout_seconds,
+        probe_timeout=settings.probe_timeout_seconds,
     )
