@@ -8,9 +8,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from xmgie.editing.errors import EditInputError
-from xmgie.jobs.exceptions import InvalidJobError, JobAlreadyTerminalError, NoSuchItemError, NoSuchJobError
+from xmgie.jobs.exceptions import (
+    IdempotencyKeyReusedError,
+    InvalidJobError,
+    JobAlreadyTerminalError,
+    NoSuchItemError,
+    NoSuchJobError,
+)
 from xmgie.jobs.storage import StorageUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +77,19 @@ def _describe_validation(error: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is invalid"
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path (Starlette's 405 names only the first route's)."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Install the handlers that turn exceptions into the JSON error envelope."""
 
@@ -81,7 +101,10 @@ def register_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -103,6 +126,10 @@ def register_error_handlers(app: FastAPI) -> None:
     async def _already_terminal(request: Request, exc: JobAlreadyTerminalError) -> JSONResponse:
         return error_response(409, "job_already_terminal", str(exc))
 
+    @app.exception_handler(IdempotencyKeyReusedError)
+    async def _key_reused(request: Request, exc: IdempotencyKeyReusedError) -> JSONResponse:
+        return error_response(409, "idempotency_key_reused", str(exc))
+
     @app.exception_handler(InvalidJobError)
     async def _invalid_job(request: Request, exc: InvalidJobError) -> JSONResponse:
         return error_response(422, "invalid_job", str(exc))
@@ -111,3 +138,9 @@ def register_error_handlers(app: FastAPI) -> None:
     async def _storage_unavailable(request: Request, exc: StorageUnavailableError) -> JSONResponse:
         logger.warning("storage unavailable: %s", exc)
         return error_response(503, "storage_unavailable", "the storage is not reachable; try again later")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # The server logs the traceback once this handler has answered (Starlette re-raises the exception).
+        logger.error("internal error answering %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return error_response(500, "internal_error", "the server failed to answer this request; try again later")

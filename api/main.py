@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.body_limit import MULTIPART_OVERHEAD_BYTES, BodyLimit, BodySizeLimit
 from api.deps import Dispatch
 from api.errors import register_error_handlers
 from api.routes import health, jobs, schedules, uploads
+from api.schemas import ErrorResponse
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.dispatch import CeleryPublisher, NullPublisher, Publisher
 from xmgie.jobs.settings import Settings, get_settings
@@ -49,6 +51,12 @@ def create_app(
         summary="MLLM-guided image editing as batch jobs",
         version="0.1.0",
         lifespan=lifespan,
+        responses={
+            400: {"model": ErrorResponse, "description": "the body is not JSON (or not UTF-8)"},
+            413: {"model": ErrorResponse, "description": "the body is over the size limit"},
+            500: {"model": ErrorResponse, "description": "an unexpected error (logged)"},
+            503: {"model": ErrorResponse, "description": "the database or the storage is not reachable"},
+        },
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -57,6 +65,14 @@ def create_app(
     app.state.publisher = publisher
     app.state.dispatch = dispatch or publisher.edits
     register_error_handlers(app)
+    upload_limit = BodyLimit(
+        settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        "upload_too_large",
+        f"an upload has at most {settings.max_upload_bytes} bytes",
+    )
+    app.add_middleware(
+        BodySizeLimit, limit=BodyLimit(settings.max_request_bytes), by_path={"/v1/uploads": upload_limit}
+    )
     app.include_router(health.router)
     app.include_router(uploads.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")

@@ -4,12 +4,45 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints
 
 from xmgie.jobs.models import Item, Job
+from xmgie.jobs.schedules import MAX_VARIANTS, MIN_INTERVAL_SECONDS
 from xmgie.jobs.statuses import ItemStatus, JobStatus
+
+INT32_MAX = 2**31 - 1
+"""Largest value of an ``Integer`` column (32 bits on PostgreSQL): the bound of every integer stored in one."""
+
+KEY_MAX_CHARS = 1024
+"""Length of the ``String(1024)`` columns that hold references, object keys and prefixes."""
+
+
+def _storable_text(value: str) -> str:
+    """``value`` if PostgreSQL and UTF-8 can hold it: no NUL character, no lone surrogate."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable_text)]
+"""A string every backend can store: refused with 422 when it holds a NUL character or a lone surrogate (a
+PostgreSQL text column holds neither, and UTF-8 cannot encode a surrogate)."""
+
+Reference = Annotated[StorableText, Field(max_length=KEY_MAX_CHARS)]
+"""A reference to an upload, or a key or prefix of the tenant's space."""
+
+
+def _drop_null_defaults(schema: dict[str, Any]) -> None:
+    """Leave ``default: null`` out of properties that may not be null (they may only be left out)."""
+    for prop in schema.get("properties", {}).values():
+        if prop.get("default", ...) is None and "anyOf" not in prop:
+            del prop["default"]
 
 
 class ErrorDetail(BaseModel):
@@ -44,10 +77,10 @@ class ItemCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="reference of an upload of this tenant")
-    instruction: str
-    mask: str | None = Field(default=None, description="reference of an upload: white = region to edit")
-    identity_image: str | None = Field(default=None, description="reference of an upload: identity reference")
+    image: Reference = Field(description="reference of an upload of this tenant")
+    instruction: StorableText
+    mask: Reference | None = Field(default=None, description="reference of an upload: white = region to edit")
+    identity_image: Reference | None = Field(default=None, description="reference of an upload: identity reference")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     options: dict[str, Any] = Field(default_factory=dict, description="overrides the job's options for this item")
 
@@ -59,8 +92,14 @@ class JobCreate(BaseModel):
 
     items: list[ItemCreate] = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict, description="edit options shared by every item")
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    webhook_url: AnyHttpUrl | None = None
+    idempotency_key: StorableText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="resubmitting the same body with the same key returns the first job (200); another body with "
+        "the same key is refused (409 idempotency_key_reused)",
+    )
+    webhook_url: Annotated[AnyHttpUrl, UrlConstraints(max_length=2048)] | None = None
 
 
 class JobCounts(BaseModel):
@@ -215,7 +254,7 @@ class ScheduleInstruction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instruction: str
+    instruction: StorableText
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -224,10 +263,16 @@ class ScheduleSourceIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prefix: str | None = Field(
+    prefix: Reference | None = Field(
         default=None, description="a prefix of the tenant's space, e.g. data/<tenant>/photos/ (every image under it)"
     )
-    images: list[str] | None = Field(default=None, description="a fixed list of image references of the tenant")
+    images: list[Reference] | None = Field(default=None, description="a fixed list of image references of the tenant")
+
+
+# The schemas bound these by their columns only; the rules of xmgie.jobs.schedules refuse the rest with their own
+# codes (invalid_interval, invalid_variants).
+_INTERVAL = f"seconds between slots, at least {MIN_INTERVAL_SECONDS}"
+_VARIANTS = f"outputs per image and instruction, each with its own seed: 1 to {MAX_VARIANTS}"
 
 
 class ScheduleCreate(BaseModel):
@@ -236,38 +281,41 @@ class ScheduleCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="unique among the tenant's schedules")
-    cron: str | None = Field(default=None, max_length=100, examples=["0 3 * * *"])
-    interval_seconds: int | None = None
-    timezone: str = Field(default="UTC", max_length=64, description="IANA zone the cron expression is read in")
+    name: StorableText = Field(min_length=1, max_length=200, description="unique among the tenant's schedules")
+    cron: StorableText | None = Field(default=None, max_length=100, examples=["0 3 * * *"])
+    interval_seconds: int | None = Field(default=None, le=INT32_MAX, description=_INTERVAL)
+    timezone: StorableText = Field(
+        default="UTC", max_length=64, description="IANA zone the cron expression is read in"
+    )
     source: ScheduleSourceIn
-    instructions: list[str | ScheduleInstruction] = Field(
+    instructions: list[StorableText | ScheduleInstruction] = Field(
         description="instruction texts, or objects with per-instruction options"
     )
-    variants: int = Field(default=1, description="outputs per image and instruction, each with its own seed")
-    target_prefix: str = Field(
-        max_length=1024, description="folder of the tenant's data space the dataset is published under"
-    )
+    variants: int = Field(default=1, description=_VARIANTS)
+    target_prefix: Reference = Field(description="folder of the tenant's data space the dataset is published under")
     options: dict[str, Any] = Field(default_factory=dict, description="edit options shared by every instruction")
     enabled: bool = True
 
 
 class ScheduleUpdate(BaseModel):
     """Any subset of a schedule's fields; the result is checked as a whole (set ``cron`` to null to switch to
-    ``interval_seconds``, and the other way round)."""
+    ``interval_seconds``, and the other way round). Only ``cron`` and ``interval_seconds`` may be null; the other
+    fields may be left out, not nulled."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The defaults only mark a field as left out (``model_dump(exclude_unset=True)`` drops it); they are not valid
+    # values, so the schema does not show them.
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_drop_null_defaults)
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    cron: str | None = Field(default=None, max_length=100)
-    interval_seconds: int | None = None
-    timezone: str | None = Field(default=None, max_length=64)
-    source: ScheduleSourceIn | None = None
-    instructions: list[str | ScheduleInstruction] | None = None
-    variants: int | None = None
-    target_prefix: str | None = Field(default=None, max_length=1024)
-    options: dict[str, Any] | None = None
-    enabled: bool | None = None
+    name: StorableText = Field(default=None, min_length=1, max_length=200)
+    cron: StorableText | None = Field(default=None, max_length=100)
+    interval_seconds: int | None = Field(default=None, le=INT32_MAX, description=_INTERVAL)
+    timezone: StorableText = Field(default=None, max_length=64)
+    source: ScheduleSourceIn = None
+    instructions: list[StorableText | ScheduleInstruction] = None
+    variants: int = Field(default=None, description=_VARIANTS)
+    target_prefix: Reference = None
+    options: dict[str, Any] = None
+    enabled: bool = None
 
 
 class SourcePrefix(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
@@ -82,3 +84,11 @@ def item_specs(*, job_in: JobCreate, tenant_id: UUID, storage: Storage, settings
         except EditInputError as error:
             raise ApiError(422, error.code, f"item {index}: {error.message}", item=index) from error
     return specs
+
+
+def request_fingerprint(job_in: JobCreate) -> str:
+    """sha256 (hex) of the canonical JSON of the submission as validated (defaults filled in, URL normalised),
+    without its idempotency key: two bodies that mean the same job have the same fingerprint."""
+    body = job_in.model_dump(mode="json", exclude={"idempotency_key"})
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

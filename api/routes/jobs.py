@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, DispatchDep, PublisherDep, SessionDep, SettingsDep, StorageDep
-from api.schemas import ErrorResponse, ItemPublic, ItemsPublic, JobCreate, JobPublic, ManifestPublic
-from api.submissions import item_specs
+from api.schemas import INT32_MAX, ErrorResponse, ItemPublic, ItemsPublic, JobCreate, JobPublic, ManifestPublic
+from api.submissions import item_specs, request_fingerprint
 from xmgie.jobs.dispatch import DELIVER_WEBHOOK_TASK
 from xmgie.jobs.exceptions import NoSuchJobError
 from xmgie.jobs.models import Item, Job
@@ -55,7 +55,10 @@ def _item_view(item: Item, storage: Storage) -> ItemPublic:
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "the job already submitted with this idempotency key"}},
+    responses={
+        200: {"model": JobPublic, "description": "the job already submitted with this idempotency key and body"},
+        409: {"model": ErrorResponse, "description": "the idempotency key was used with another body"},
+    },
 )
 def submit_job(
     job_in: JobCreate,
@@ -66,7 +69,8 @@ def submit_job(
     settings: SettingsDep,
     dispatch: DispatchDep,
 ) -> JobPublic:
-    """Accept a bulk edit job (202); the same ``idempotency_key`` returns the existing job (200) unchanged."""
+    """Accept a bulk edit job (202); the same ``idempotency_key`` and body return the existing job (200) unchanged,
+    the same key with another body is a 409."""
     specs = item_specs(job_in=job_in, tenant_id=tenant.id, storage=storage, settings=settings)
     job, created = create_job(
         session=session,
@@ -74,6 +78,7 @@ def submit_job(
         items=specs,
         options=job_in.options,
         idempotency_key=job_in.idempotency_key,
+        request_fingerprint=request_fingerprint(job_in),
         webhook_url=str(job_in.webhook_url) if job_in.webhook_url else None,
     )
     session.commit()
@@ -102,7 +107,9 @@ def list_items(
     tenant: CurrentTenant,
     storage: StorageDep,
     status: ItemStatus | None = None,
-    cursor: Annotated[int | None, Query(ge=0, description="the next_cursor of the previous page")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=0, le=INT32_MAX, description="the next_cursor of the previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
 ) -> ItemsPublic:
     """A page of the job's items in index order, optionally only those in one status."""

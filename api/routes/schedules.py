@@ -68,7 +68,6 @@ MAX_RUNS_PAGE_SIZE = 500
 """Largest ``limit`` a client may ask for."""
 
 _TIMING_FIELDS = frozenset({"cron", "interval_seconds", "timezone"})
-_NULLABLE_FIELDS = frozenset({"cron", "interval_seconds"})
 
 
 # --- Rows and views ------------------------------------------------------------------------------------------------
@@ -294,9 +293,6 @@ def update_schedule(
     """
     schedule = _tenant_schedule(session, tenant.id, schedule_id)
     changes = body.model_dump(exclude_unset=True)
-    for name, value in changes.items():
-        if value is None and name not in _NULLABLE_FIELDS:
-            raise ApiError(422, "invalid_request", f"{name} cannot be null")
     try:
         merged = ScheduleCreate.model_validate({**_as_create(schedule), **changes})
     except ValidationError as error:

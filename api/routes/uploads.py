@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 
 from api.deps import CurrentTenant, SettingsDep, StorageDep
-from api.schemas import ErrorResponse, UploadPublic
+from api.schemas import ErrorResponse, Reference, UploadPublic
 from xmgie.jobs.uploads import UploadTooLargeError, store_upload
 
 router = APIRouter(
@@ -24,7 +24,7 @@ def create_upload(
     storage: StorageDep,
     settings: SettingsDep,
     path: Annotated[
-        str | None,
+        Reference | None,
         Form(description="store at this relative path of the tenant's data space (data/<tenant>/<path>)"),
     ] = None,
 ) -> UploadPublic:

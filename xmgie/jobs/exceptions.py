@@ -25,3 +25,7 @@ class LeaseLostError(JobError):
 
 class InvalidJobError(JobError, ValueError):
     """The job submission is malformed (no items, too many items, unknown item fields)."""
+
+
+class IdempotencyKeyReusedError(JobError):
+    """The tenant's idempotency key belongs to a job submitted with another request body."""

@@ -107,6 +107,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """sha256 (hex) of the submission that created the job, told apart from another body under the same key."""
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     item_count: Mapped[int] = mapped_column(Integer, default=0)
     queued_count: Mapped[int] = mapped_column(Integer, default=0)

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     max_items_per_job: int = Field(default=10_000, gt=0)
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    """Largest JSON request body the API reads (uploads are capped by ``max_upload_bytes``); larger ones get 413."""
     max_instruction_chars: int = Field(default=1000, gt=0)
     max_attempts: int = Field(default=3, gt=0)
     lease_seconds: int = Field(default=600, gt=0)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from xmgie.jobs.db import upsert_insert
 from xmgie.jobs.exceptions import (
+    IdempotencyKeyReusedError,
     InvalidJobError,
     JobAlreadyTerminalError,
     LeaseLostError,
@@ -106,6 +107,15 @@ def _refresh_job_status(session: Session, job: Job, now: datetime) -> None:
     session.flush()
 
 
+def _same_request(job: Job, request_fingerprint: str | None) -> Job:
+    """``job`` if it was created by the same request; jobs from before fingerprints were stored count as the same."""
+    if request_fingerprint is not None and job.request_fingerprint not in (None, request_fingerprint):
+        raise IdempotencyKeyReusedError(
+            f"idempotency key {job.idempotency_key!r} was used for job {job.id} with another request body"
+        )
+    return job
+
+
 def create_job(
     *,
     session: Session,
@@ -113,6 +123,7 @@ def create_job(
     items: Sequence[ItemSpec | Mapping[str, Any]],
     options: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
+    request_fingerprint: str | None = None,
     webhook_url: str | None = None,
     now: datetime | None = None,
 ) -> tuple[Job, bool]:
@@ -120,12 +131,14 @@ def create_job(
 
     With an ``idempotency_key`` already used by the tenant, nothing is written and the existing job comes back with
     ``created=False`` (also when two submissions race: the unique constraint decides, the loser gets the winner's job).
+    ``request_fingerprint`` identifies the submission's body: when both it and the existing job's are known and
+    differ, the key is being reused for another request and ``IdempotencyKeyReusedError`` is raised.
     """
     now = now or utc_now()
     if idempotency_key is not None:
         existing = _job_by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
-            return existing, False
+            return _same_request(existing, request_fingerprint), False
     specs = [_as_item_spec(index, item) for index, item in enumerate(items)]
     if not specs:
         raise InvalidJobError("a job needs at least one item")
@@ -137,6 +150,7 @@ def create_job(
         "status": JobStatus.QUEUED.value,
         "options": dict(options or {}),
         "idempotency_key": idempotency_key,
+        "request_fingerprint": request_fingerprint,
         "webhook_url": webhook_url,
         "item_count": len(specs),
         "queued_count": len(specs),
@@ -157,7 +171,7 @@ def create_job(
         existing = _job_by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is None:
             raise RuntimeError(f"job insert for idempotency key {idempotency_key!r} conflicted but found no job")
-        return existing, False
+        return _same_request(existing, request_fingerprint), False
 
     item_rows = [
         {
