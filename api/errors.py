@@ -7,10 +7,13 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sql_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from xmgie.editing.errors import EditInputError
+from xmgie.jobs.db import is_database_unavailable
+from xmgie.jobs.dispatch import BrokerUnavailableError
 from xmgie.jobs.exceptions import (
     IdempotencyKeyReusedError,
     InvalidJobError,
@@ -37,6 +40,9 @@ _CODES_BY_STATUS = {
 
 _STATUS_BY_INPUT_CODE = {"upload_too_large": 413}
 """Status of input errors that are not a plain 422."""
+
+RETRY_AFTER_SECONDS = "5"
+"""``Retry-After`` of the answers given while a service the API depends on is down."""
 
 
 class ApiError(Exception):
@@ -144,3 +150,20 @@ def register_error_handlers(app: FastAPI) -> None:
         # The server logs the traceback once this handler has answered (Starlette re-raises the exception).
         logger.error("internal error answering %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return error_response(500, "internal_error", "the server failed to answer this request; try again later")
+
+    @app.exception_handler(BrokerUnavailableError)
+    async def _broker_unavailable(request: Request, exc: BrokerUnavailableError) -> JSONResponse:
+        logger.warning("broker unavailable: %s", exc)
+        message = "the work queue is not reachable; nothing was created, try again later"
+        return error_response(503, "broker_unavailable", message, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not is_database_unavailable(exc):
+            return await _internal_error(request, exc)
+        logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        message = "the database is not reachable; try again later"
+        return error_response(503, "database_unavailable", message, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    # A dropped or refused database connection is an outage to wait out, never a bare 500.
+    app.add_exception_handler(sql_errors.DBAPIError, _database_error)
+    app.add_exception_handler(sql_errors.TimeoutError, _database_error)

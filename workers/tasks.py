@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ from sqlalchemy import Engine, select
 
 from workers.celery_app import celery_app
 from xmgie.jobs import runs, transitions, webhooks
-from xmgie.jobs.db import make_engine, make_session_factory
+from xmgie.jobs.db import is_database_unavailable, make_engine, make_session_factory
 from xmgie.jobs.dispatch import (
     DEFAULT_QUEUE,
     DELIVER_WEBHOOK_TASK,
@@ -36,10 +37,11 @@ from xmgie.jobs.dispatch import (
     START_RUN_TASK,
     micro_batches,
     publish_batches,
+    visibility_timeout_seconds,
 )
 from xmgie.jobs.editor import Editor, EditRequest, EditResult, NoOpEditor, lazy_pipeline_editor
 from xmgie.jobs.models import Job, utc_now
-from xmgie.jobs.processing import SessionFactory, process_items
+from xmgie.jobs.processing import DEFERRED, SessionFactory, StorageDeferral, process_items
 from xmgie.jobs.settings import Settings, get_settings
 from xmgie.jobs.statuses import ItemStatus
 from xmgie.jobs.storage import Storage, storage_from_settings
@@ -54,6 +56,13 @@ RECONCILE_BATCH_LIMIT = 1000
 """Items the reconciler looks at per run; the next run takes the rest."""
 STALE_WEBHOOK_SECONDS = 900.0
 """A webhook pending this long without an attempt has lost its message: the reconciler publishes it again."""
+DATABASE_TASK_RETRIES = 10
+"""How often an edit message is retried (each after a longer pause, up to ``DATABASE_TASK_MAX_DELAY_SECONDS``) when
+the database stays unreachable past ``Settings.database_retry_seconds``; then the reconciler takes its items back."""
+DATABASE_TASK_MAX_DELAY_SECONDS = 60.0
+BROKER_MARKER_KEY = "xmgie:broker-marker"
+"""A key the reconciler keeps in a Redis broker: when it is gone, the broker lost its data (restarted without
+persistence, flushed) and with it every queued message, so every queued item is published again at once."""
 
 
 class DelayedNoOpEditor(NoOpEditor):
@@ -137,25 +146,46 @@ def fan_out_edits(item_ids: list[str], micro_batch_size: int) -> int:
 @celery_app.task(name=EDIT_ITEMS_TASK, bind=True)
 def edit_items(self: Task, item_ids: list[str]) -> dict[str, int]:
     """Process one micro-batch of items (claim, edit, store, record); items sent back to the queue are published
-    again at once. Returns the number of items per outcome status.
+    again at once, items deferred for an unreachable storage after their pause (a retry of this message). A
+    database that stays unreachable retries this message later instead of dropping it. Returns the number of items
+    per outcome status.
     """
     shared = resources()
-    outcomes = process_items(
-        session_factory=shared.session_factory,
-        storage=shared.storage,
-        editor=shared.editor,
-        item_ids=[uuid.UUID(str(item_id)) for item_id in item_ids],
-        worker=worker_id(self.request.hostname),
-        settings=shared.settings,
-        on_jobs_finished=lambda job_ids: publish_pending_webhooks(shared, job_ids),
+    settings = shared.settings
+    deferral = StorageDeferral(
+        done=self.request.retries or 0,
+        max_delay_seconds=min(
+            settings.storage_retry_max_delay_seconds, visibility_timeout_seconds(settings.lease_seconds) / 2
+        ),
     )
+    try:
+        outcomes = process_items(
+            session_factory=shared.session_factory,
+            storage=shared.storage,
+            editor=shared.editor,
+            item_ids=[uuid.UUID(str(item_id)) for item_id in item_ids],
+            worker=worker_id(self.request.hostname),
+            settings=settings,
+            on_jobs_finished=lambda job_ids: publish_pending_webhooks(shared, job_ids),
+            storage_deferral=deferral,
+        )
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        delay = min(DATABASE_TASK_MAX_DELAY_SECONDS, 2.0 ** (self.request.retries or 0)) * random.uniform(0.5, 1.0)
+        logger.warning("edit_items %s: database unavailable (%s); retrying in %.1f s", item_ids, error, delay)
+        raise self.retry(countdown=delay, max_retries=DATABASE_TASK_RETRIES) from error
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     retried = [outcome.item_id for outcome in outcomes if outcome.status == ItemStatus.QUEUED.value]
     if retried:
-        publish_edits(retried, shared.settings.micro_batch_size)
+        publish_edits(retried, settings.micro_batch_size)
     logger.info("edit_items %s: %s", item_ids, counts)
+    deferred = [outcome for outcome in outcomes if outcome.status == DEFERRED]
+    if deferred:
+        countdown = max(outcome.retry_after_seconds or 0.0 for outcome in deferred)
+        raise self.retry(args=[[str(outcome.item_id) for outcome in deferred]], countdown=countdown, max_retries=None)
     return counts
 
 
@@ -262,6 +292,19 @@ def _gpu_queue_depth() -> int | None:
         return None
 
 
+def _broker_lost_messages() -> bool:
+    """Whether the broker lost its data since the last reconciler run (its marker key is gone); sets the marker.
+
+    False when the broker is not Redis or cannot tell: then lost messages wait for the lease-long sweep.
+    """
+    try:
+        with celery_app.connection_for_write() as connection:
+            client = connection.default_channel.client
+            return bool(client.set(BROKER_MARKER_KEY, utc_now().isoformat(), nx=True))
+    except Exception:  # noqa: BLE001 - no marker only means the slower sweep applies
+        return False
+
+
 @celery_app.task(name=RECONCILE_TASK)
 def reconcile(
     queued_after_seconds: float | None = None, webhooks_after_seconds: float | None = None
@@ -275,12 +318,15 @@ def reconcile(
     shared = resources()
     settings = shared.settings
     depth = _gpu_queue_depth()
+    broker_lost_messages = _broker_lost_messages()
+    if queued_after_seconds is None:
+        queued_after_seconds = 0.0 if broker_lost_messages else settings.lease_seconds
     report = reconcile_items(
         session_factory=shared.session_factory,
         settings=settings,
         publish=lambda item_ids: publish_edits(item_ids, settings.micro_batch_size),
-        queued_after_seconds=settings.lease_seconds if queued_after_seconds is None else queued_after_seconds,
-        republish_queued=not depth,
+        queued_after_seconds=queued_after_seconds,
+        republish_queued=broker_lost_messages or not depth,
     )
     with shared.session_factory() as session:
         stale = webhooks.stale_pending_webhooks(
@@ -290,7 +336,12 @@ def reconcile(
     for job_id in stale:
         publish_webhook(job_id)
     report.webhooks = len(stale)
-    logger.info("reconcile: %s (gpu queue depth %s)", report.as_dict(), depth)
+    logger.info(
+        "reconcile: %s (gpu queue depth %s%s)",
+        report.as_dict(),
+        depth,
+        ", the broker lost its messages" if broker_lost_messages else "",
+    )
     return report.as_dict()
 
 

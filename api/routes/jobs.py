@@ -68,10 +68,13 @@ def submit_job(
     storage: StorageDep,
     settings: SettingsDep,
     dispatch: DispatchDep,
+    publisher: PublisherDep,
 ) -> JobPublic:
     """Accept a bulk edit job (202); the same ``idempotency_key`` and body return the existing job (200) unchanged,
-    the same key with another body is a 409."""
+    the same key with another body is a 409; 503 ``broker_unavailable`` (nothing created) while the work queue cannot
+    be reached."""
     specs = item_specs(job_in=job_in, tenant_id=tenant.id, storage=storage, settings=settings)
+    publisher.check()
     job, created = create_job(
         session=session,
         tenant_id=tenant.id,

@@ -1,25 +1,74 @@
 """Database engines and sessions built from a URL (by default ``Settings.database_url``).
 
 SQLite gets WAL journaling (readers never wait for the writer), enforced foreign keys and a busy timeout;
-``postgresql://`` URLs use the psycopg (3) driver.
+``postgresql://`` URLs use the psycopg (3) driver, a connect timeout, and a ping before a pooled connection is
+handed out, so connections that died with a server restart are replaced instead of failing their first statement.
+``retry_while_unavailable`` runs a unit of work again, on a fresh connection, while the database is unreachable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
 from xmgie.jobs.settings import get_settings
 
+logger = logging.getLogger(__name__)
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the database lock before giving up."""
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 5
+"""How long opening a PostgreSQL connection may take (a probe or request fails then, instead of hanging)."""
+RETRY_FIRST_DELAY_SECONDS = 0.2
+"""First pause of ``retry_while_unavailable``; each next one doubles (jittered) up to ``RETRY_MAX_DELAY_SECONDS``."""
+RETRY_MAX_DELAY_SECONDS = 5.0
+
+T = TypeVar("T")
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not be reached or dropped the connection (a server restart, a
+    network cut, a full pool) rather than refusing the statement itself; such work can be tried again."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, exc.InterfaceError | exc.TimeoutError):
+        return True
+    if isinstance(error, exc.OperationalError):
+        if type(error.orig).__module__.startswith("sqlite3"):
+            # sqlite3 names a missing table an OperationalError too; only a lock or an unopenable file is passing.
+            return any(sign in str(error.orig) for sign in ("locked", "unable to open"))
+        return True
+    return False
+
+
+def retry_while_unavailable(work: Callable[[], T], *, give_up_after: float, what: str) -> T:
+    """``work()``, called again after a jittered, growing pause each time it fails because the database is
+    unavailable, for at most ``give_up_after`` seconds; the last such error is raised then. Other errors at once.
+
+    ``work`` must be a whole transaction (it opens and commits its own session), so a retry starts it afresh on a
+    new connection; whether a commit that failed had landed is the caller's to check.
+    """
+    deadline = time.monotonic() + give_up_after
+    delay = RETRY_FIRST_DELAY_SECONDS
+    while True:
+        try:
+            return work()
+        except Exception as error:
+            if not is_database_unavailable(error) or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("%s: database unavailable (%s); trying again in %.1f s", what, type(error).__name__, delay)
+        time.sleep(delay)
+        delay = min(RETRY_MAX_DELAY_SECONDS, delay * 2) * random.uniform(0.75, 1.25)
 
 
 def upsert_insert(session: Session) -> Any:
@@ -58,7 +107,8 @@ def make_engine(url: str | URL | None = None, **engine_options: Any) -> Engine:
         engine = create_engine(parsed, connect_args=connect_args, **engine_options)
         event.listen(engine, "connect", _configure_sqlite_connection)
         return engine
-    return create_engine(parsed, pool_pre_ping=True, **engine_options)
+    connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS, **engine_options.pop("connect_args", {})}
+    return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **engine_options)
 
 
 @lru_cache(maxsize=8)

@@ -38,6 +38,12 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     START_RUN_TASK: {"queue": DEFAULT_QUEUE},
 }
 MIN_VISIBILITY_TIMEOUT_SECONDS = 60
+BROKER_CHECK_TIMEOUT_SECONDS = 2.0
+"""How long ``Publisher.check`` waits for the broker."""
+
+
+class BrokerUnavailableError(Exception):
+    """The broker cannot be reached, so work cannot be published now."""
 
 
 def visibility_timeout_seconds(lease_seconds: int) -> int:
@@ -65,9 +71,15 @@ class Publisher(Protocol):
     def send(self, task_name: str, args: Sequence[Any] = ()) -> None:
         """Publish one task by name, on the queue ``TASK_ROUTES`` gives it."""
 
+    def check(self) -> None:
+        """Raise ``BrokerUnavailableError`` if work could not be published now."""
+
 
 class NullPublisher:
     """Publishes nothing: the work stays in the database for whoever reconciles it (no broker configured)."""
+
+    def check(self) -> None:
+        """Nothing to reach."""
 
     def edits(self, item_ids: Sequence[UUID]) -> None:
         """Do nothing."""
@@ -102,6 +114,19 @@ class CeleryPublisher:
     def send(self, task_name: str, args: Sequence[Any] = ()) -> None:
         """Publish ``task_name`` with ``args`` on its queue."""
         self.client.send_task(task_name, args=list(args), queue=TASK_ROUTES[task_name]["queue"])
+
+    def check(self) -> None:
+        """Open (or reuse) a broker connection within ``BROKER_CHECK_TIMEOUT_SECONDS``; ``BrokerUnavailableError``
+        if the broker does not answer."""
+        try:
+            with self.client.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+                ping = getattr(getattr(connection.default_channel, "client", None), "ping", None)
+                if ping is not None:
+                    # A pooled Redis channel may predate a broker restart: ask the server itself.
+                    ping()
+        except Exception as error:  # noqa: BLE001 - any failure to reach the broker means the same to the caller
+            raise BrokerUnavailableError(f"the broker is not reachable: {type(error).__name__}: {error}") from error
 
 
 def celery_dispatcher(

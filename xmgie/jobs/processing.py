@@ -7,6 +7,12 @@ batch's items back in the queue while they have attempts left (``internal_error`
 raised to the caller for a problem of an item. When a job has no queued or running items left, its results
 manifest is (re)written and, if it is the job of an augmentation run, the run is published.
 
+Outages are ridden through rather than charged to the items: every database step is retried on a fresh connection
+for ``Settings.database_retry_seconds`` (the item keeps its lease; a claim or result that committed unseen is
+recognised), the write of an edited image is retried in place with backoff for ``Settings.storage_retry_seconds``
+(renewing the lease), and an item whose inputs cannot be read is given back without spending an attempt when the
+caller passes a ``StorageDeferral`` (it then publishes the item again after ``ItemOutcome.retry_after_seconds``).
+
 Each transition runs in its own short transaction; the model runs outside any transaction, so the database is
 never locked while images are edited.
 """
@@ -15,12 +21,14 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from PIL import Image
 from sqlalchemy import select
@@ -30,13 +38,14 @@ from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import check_instruction, load_image, load_mask
 from xmgie.editing.options import EditOptions
 from xmgie.jobs import runs, transitions
+from xmgie.jobs.db import retry_while_unavailable
 from xmgie.jobs.editor import Editor, EditRequest, EditResult
 from xmgie.jobs.exceptions import LeaseLostError, NoSuchItemError
 from xmgie.jobs.manifests import write_results_manifest
-from xmgie.jobs.models import Item, Job
+from xmgie.jobs.models import Item, Job, utc_now
 from xmgie.jobs.settings import Settings
-from xmgie.jobs.statuses import JobStatus
-from xmgie.jobs.storage import ObjectNotFoundError, Storage, StorageError, mask_key, output_key
+from xmgie.jobs.statuses import ItemStatus, JobStatus
+from xmgie.jobs.storage import InvalidKeyError, ObjectNotFoundError, Storage, StorageError, mask_key, output_key
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +55,29 @@ IMAGE_NOT_FOUND = "image_not_found"
 IMAGE_TOO_LARGE = "image_too_large"
 SKIPPED = "skipped"
 """Outcome status of an item this call did not take (finished, held by another worker, or job canceled)."""
+DEFERRED = "deferred"
+"""Outcome status of an item given back to the queue without spending an attempt (its storage was unreachable)."""
+STORAGE_RETRY_FIRST_DELAY_SECONDS = 1.0
+"""First pause before a storage operation is tried again; each next one doubles up to the settings' maximum."""
 
 SessionFactory = Callable[[], Session]
+T = TypeVar("T")
+
+
+def storage_retry_delay(retries: int, max_delay: float) -> float:
+    """Seconds to wait before try number ``retries + 1`` of a storage operation: 1 s doubling per try, capped at
+    ``max_delay``, jittered to 50-100 % so that items failed together do not come back together."""
+    return min(max_delay, STORAGE_RETRY_FIRST_DELAY_SECONDS * 2 ** min(retries, 32)) * random.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class StorageDeferral:
+    """How ``process_items`` may give back items whose inputs the storage could not serve: ``done`` deferrals of
+    these items' message so far, at most ``Settings.storage_deferrals``, each pause at most ``max_delay_seconds``
+    (a worker keeps a scheduled message unacknowledged, so keep it under the broker's redelivery timeout)."""
+
+    done: int
+    max_delay_seconds: float
 
 
 @dataclass(frozen=True)
@@ -64,6 +94,8 @@ class ItemOutcome:
     index: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    retry_after_seconds: float | None = None
+    """For a ``deferred`` item: when to publish it again."""
 
 
 @dataclass
@@ -91,6 +123,17 @@ def _transaction(session_factory: SessionFactory) -> Iterator[Session]:
         yield session
 
 
+def _in_transaction(session_factory: SessionFactory, settings: Settings, what: str, work: Callable[[Session], T]) -> T:
+    """``work(session)`` in its own transaction, run again on a fresh connection while the database is unreachable
+    (for at most ``settings.database_retry_seconds``)."""
+
+    def attempt() -> T:
+        with _transaction(session_factory) as session:
+            return work(session)
+
+    return retry_while_unavailable(attempt, give_up_after=settings.database_retry_seconds, what=what)
+
+
 def item_seed(item_id: uuid.UUID, seed: int | None, options: EditOptions) -> int:
     """The item's seed, else the options' seed, else one derived from the item's id (stable across retries)."""
     if seed is not None:
@@ -109,11 +152,15 @@ def process_items(
     worker: str,
     settings: Settings,
     on_jobs_finished: Callable[[list[uuid.UUID]], None] | None = None,
+    storage_deferral: StorageDeferral | None = None,
 ) -> list[ItemOutcome]:
     """Claim, load, edit and record ``item_ids`` as one micro-batch; one outcome per id, in order.
 
-    Never raises for a problem of an item (bad input, editor failure, storage failure, lost lease); database
-    errors are the caller's (the items keep their leases and the reconciler takes them back).
+    Never raises for a problem of an item (bad input, editor failure, storage failure, lost lease); a database that
+    stays unreachable past ``settings.database_retry_seconds`` is the caller's (the items keep their leases: the
+    same worker takes them up again with its next delivery, or the reconciler after the lease). An item whose
+    inputs cannot be read is ``deferred`` (no attempt spent) while ``storage_deferral`` allows it, else it spends
+    an attempt.
     ``on_jobs_finished(job_ids)`` is called with the jobs of these items that have ended, if any, after their
     manifests are written (the workers publish their webhooks there).
     """
@@ -137,14 +184,18 @@ def process_items(
         except EditInputError as error:
             entry.outcome = _fail(session_factory, entry, worker, settings, error.code, error.message, retry=False)
         except StorageError as error:
-            entry.outcome = _fail(session_factory, entry, worker, settings, STORAGE_ERROR, str(error), retry=True)
+            if _may_defer(error, settings, storage_deferral):
+                assert storage_deferral is not None
+                entry.outcome = _defer(session_factory, entry, worker, settings, str(error), storage_deferral)
+            else:
+                entry.outcome = _fail(session_factory, entry, worker, settings, STORAGE_ERROR, str(error), retry=True)
         except Exception as error:  # noqa: BLE001 - one item's surprise must not cost its neighbours
             logger.exception("loading item %s failed", entry.id)
             entry.outcome = _fail(session_factory, entry, worker, settings, INTERNAL_ERROR, _describe(error), True)
         entry.load_seconds = time.perf_counter() - started
 
     ready = [entry for entry in claimed if entry.outcome is None]
-    ready = _drop_canceled(session_factory, ready, worker)
+    ready = _drop_canceled(session_factory, ready, worker, settings)
     if ready:
         _edit_and_record(session_factory, storage, editor, ready, worker, settings)
 
@@ -158,8 +209,10 @@ def process_items(
 
 
 def _claim(session_factory: SessionFactory, item_id: uuid.UUID, worker: str, settings: Settings) -> _Claimed | None:
-    """Take the item's lease; its fields, or None when it is not this worker's to run."""
-    with _transaction(session_factory) as session:
+    """Take the item's lease (again, when a claim of this worker committed unseen); its fields, or None when it is
+    not this worker's to run."""
+
+    def claim(session: Session) -> _Claimed | None:
         item = transitions.claim_item(
             session=session,
             item_id=item_id,
@@ -181,6 +234,8 @@ def _claim(session_factory: SessionFactory, item_id: uuid.UUID, worker: str, set
             seed=item.seed,
         )
 
+    return _in_transaction(session_factory, settings, f"claiming item {item_id}", claim)
+
 
 def _describe(error: BaseException) -> str:
     text = str(error)
@@ -197,22 +252,67 @@ def _fail(
     retry: bool,
 ) -> ItemOutcome:
     """Record a failed attempt of ``entry`` and return its outcome (``skipped`` if the lease was lost)."""
+
+    def fail(session: Session) -> str:
+        item = transitions.fail_item(
+            session=session,
+            item_id=entry.id,
+            worker=worker,
+            code=code,
+            message=message,
+            retry=retry,
+            max_attempts=settings.max_attempts,
+        )
+        return item.status
+
     try:
-        with _transaction(session_factory) as session:
-            item = transitions.fail_item(
-                session=session,
-                item_id=entry.id,
-                worker=worker,
-                code=code,
-                message=message,
-                retry=retry,
-                max_attempts=settings.max_attempts,
-            )
-            status = item.status
+        status = _in_transaction(session_factory, settings, f"recording the failure of item {entry.id}", fail)
     except LeaseLostError:
         logger.warning("item %s: lease lost before its failure (%s) was recorded", entry.id, code)
         return ItemOutcome(item_id=entry.id, status=SKIPPED, job_id=entry.job_id, index=entry.index)
     return ItemOutcome(entry.id, status, entry.job_id, entry.index, error_code=code, error_message=message)
+
+
+def _may_defer(error: StorageError, settings: Settings, deferral: StorageDeferral | None) -> bool:
+    """Whether a storage failure may give the item back without spending an attempt: an outage, not a bad key."""
+    if deferral is None or deferral.done >= settings.storage_deferrals:
+        return False
+    return not isinstance(error, InvalidKeyError | ObjectNotFoundError)
+
+
+def _defer(
+    session_factory: SessionFactory,
+    entry: _Claimed,
+    worker: str,
+    settings: Settings,
+    message: str,
+    deferral: StorageDeferral,
+) -> ItemOutcome:
+    """Give ``entry`` back to the queue for later without spending its attempt; its outcome (``deferred``)."""
+    delay = storage_retry_delay(deferral.done, deferral.max_delay_seconds)
+
+    def defer(session: Session) -> str:
+        item = transitions.defer_item(
+            session=session,
+            item_id=entry.id,
+            worker=worker,
+            code=STORAGE_ERROR,
+            message=message,
+            not_before=utc_now() + timedelta(seconds=delay),
+        )
+        return item.status
+
+    try:
+        status = _in_transaction(session_factory, settings, f"deferring item {entry.id}", defer)
+    except LeaseLostError:
+        logger.warning("item %s: lease lost before its deferral was recorded", entry.id)
+        return ItemOutcome(item_id=entry.id, status=SKIPPED, job_id=entry.job_id, index=entry.index)
+    logger.warning("item %s: storage unavailable (%s); trying again in %.1f s", entry.id, message, delay)
+    if status != ItemStatus.QUEUED.value:
+        return ItemOutcome(entry.id, status, entry.job_id, entry.index)
+    return ItemOutcome(
+        entry.id, DEFERRED, entry.job_id, entry.index, STORAGE_ERROR, message, retry_after_seconds=delay
+    )
 
 
 def _load_request(entry: _Claimed, storage: Storage, settings: Settings) -> EditRequest:
@@ -256,21 +356,28 @@ def _load_checked(storage: Storage, key: str, what: str, settings: Settings) -> 
     return load_image(data)
 
 
-def _drop_canceled(session_factory: SessionFactory, entries: list[_Claimed], worker: str) -> list[_Claimed]:
+def _drop_canceled(
+    session_factory: SessionFactory, entries: list[_Claimed], worker: str, settings: Settings
+) -> list[_Claimed]:
     """Cancel the claimed items whose job was asked to cancel meanwhile; the others."""
-    canceled_jobs = set()
-    with _transaction(session_factory) as session:
-        for job_id in {entry.job_id for entry in entries}:
-            if transitions.is_cancel_requested(session=session, job_id=job_id):
-                canceled_jobs.add(job_id)
+
+    def canceled(session: Session) -> set[uuid.UUID]:
+        job_ids = {entry.job_id for entry in entries}
+        return {job_id for job_id in job_ids if transitions.is_cancel_requested(session=session, job_id=job_id)}
+
+    canceled_jobs = _in_transaction(session_factory, settings, "checking for cancel requests", canceled)
     keep = []
     for entry in entries:
         if entry.job_id not in canceled_jobs:
             keep.append(entry)
             continue
         try:
-            with _transaction(session_factory) as session:
-                transitions.cancel_item(session=session, item_id=entry.id, worker=worker)
+            _in_transaction(
+                session_factory,
+                settings,
+                f"canceling item {entry.id}",
+                lambda session, entry=entry: transitions.cancel_item(session=session, item_id=entry.id, worker=worker),
+            )
             entry.outcome = ItemOutcome(entry.id, "canceled", entry.job_id, entry.index)
         except LeaseLostError:
             entry.outcome = ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
@@ -325,32 +432,89 @@ def _record(
     """Write the item's output (and mask) to their deterministic keys and mark it succeeded."""
     try:
         key = output_key(entry.job_id, entry.index)
-        sha256 = storage.put_bytes(key, _png(result.image), "image/png")
+        sha256 = _put_retrying(session_factory, storage, entry, key, _png(result.image), worker, settings)
         used_mask_key = None
         if result.mask is not None:
             used_mask_key = mask_key(entry.job_id, entry.index)
-            storage.put_bytes(used_mask_key, _png(result.mask.convert("L")), "image/png")
+            mask_png = _png(result.mask.convert("L"))
+            _put_retrying(session_factory, storage, entry, used_mask_key, mask_png, worker, settings)
+    except LeaseLostError:
+        logger.warning("item %s: lease lost while its output could not be written", entry.id)
+        return ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
     except Exception as error:  # noqa: BLE001 - a write failure is retried like any transient failure
         return _fail(session_factory, entry, worker, settings, STORAGE_ERROR, _describe(error), retry=True)
     metrics = {"identity_score": result.identity_score, "preservation": result.preservation}
     timings = {**result.timings, "load": round(entry.load_seconds, 4)}
+
+    def succeed(session: Session) -> None:
+        transitions.succeed_item(
+            session=session,
+            item_id=entry.id,
+            worker=worker,
+            output_key=key,
+            output_sha256=sha256,
+            mask_output_key=used_mask_key,
+            expressive_instruction=result.expressive_instruction,
+            metrics=metrics,
+            timings=timings,
+        )
+
     try:
-        with _transaction(session_factory) as session:
-            transitions.succeed_item(
-                session=session,
-                item_id=entry.id,
-                worker=worker,
-                output_key=key,
-                output_sha256=sha256,
-                mask_output_key=used_mask_key,
-                expressive_instruction=result.expressive_instruction,
-                metrics=metrics,
-                timings=timings,
-            )
+        _in_transaction(session_factory, settings, f"recording the result of item {entry.id}", succeed)
     except LeaseLostError:
+        if _recorded_as(session_factory, settings, entry.id, sha256):
+            # A retry after a commit whose answer the dropped connection lost: the result is already ours.
+            return ItemOutcome(entry.id, "succeeded", entry.job_id, entry.index)
         logger.warning("item %s: lease lost before its result was recorded", entry.id)
         return ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
     return ItemOutcome(entry.id, "succeeded", entry.job_id, entry.index)
+
+
+def _recorded_as(session_factory: SessionFactory, settings: Settings, item_id: uuid.UUID, sha256: str) -> bool:
+    """Whether the item has succeeded with the output ``sha256``."""
+
+    def read(session: Session) -> bool:
+        item = session.get(Item, item_id)
+        return item is not None and item.status == ItemStatus.SUCCEEDED.value and item.output_sha256 == sha256
+
+    return _in_transaction(session_factory, settings, f"reading item {item_id}", read)
+
+
+def _put_retrying(
+    session_factory: SessionFactory,
+    storage: Storage,
+    entry: _Claimed,
+    key: str,
+    data: bytes,
+    worker: str,
+    settings: Settings,
+) -> str:
+    """``storage.put_bytes`` of an edited image, tried again with growing jittered pauses for at most
+    ``settings.storage_retry_seconds`` while the storage fails, renewing the item's lease between tries so an
+    outage longer than the lease does not hand the finished edit to another worker. Raises the last storage
+    error, or ``LeaseLostError`` if the lease was taken back meanwhile."""
+    deadline = time.monotonic() + settings.storage_retry_seconds
+    retries = 0
+    while True:
+        try:
+            return storage.put_bytes(key, data, "image/png")
+        except StorageError as error:
+            delay = storage_retry_delay(retries, settings.storage_retry_max_delay_seconds)
+            if isinstance(error, InvalidKeyError) or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("item %s: writing %s failed (%s); trying again in %.1f s", entry.id, key, error, delay)
+        time.sleep(delay)
+        retries += 1
+        held = _in_transaction(
+            session_factory,
+            settings,
+            f"renewing the lease of item {entry.id}",
+            lambda session: transitions.renew_leases(
+                session=session, item_ids=[entry.id], worker=worker, lease_seconds=settings.lease_seconds
+            ),
+        )
+        if not held:
+            raise LeaseLostError(f"worker {worker!r} no longer holds item {entry.id}")
 
 
 def _write_finished_manifests(

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=600, gt=0)
     micro_batch_size: int = Field(default=1, gt=0)
 
+    # Outages: how long a worker rides through them before giving an item back.
+    database_retry_seconds: float = Field(default=60.0, ge=0)
+    """How long a worker keeps retrying a claim or a result write, on fresh connections, while the database is
+    unreachable (then the task's message is retried later)."""
+    storage_retry_seconds: float = Field(default=300.0, ge=0)
+    """How long a worker keeps retrying the write of an edited image in place, with backoff, before the attempt
+    fails."""
+    storage_retry_max_delay_seconds: float = Field(default=120.0, gt=0)
+    """Longest pause between two tries of a storage operation (pauses start at 1 s and double, jittered)."""
+    storage_deferrals: int = Field(default=20, ge=0)
+    """How often an item whose inputs cannot be read from the storage goes back to the queue without spending an
+    attempt (each time after a longer pause: about 20 minutes in all by default) before such failures count."""
+
     # Periodic work (``xmgie beat``) and webhooks.
     reconcile_seconds: float = Field(default=60.0, gt=0)
     schedule_tick_seconds: float = Field(default=30.0, gt=0)

@@ -208,13 +208,20 @@ def claim_item(
     """Take the item's lease for ``worker``: the running item, or None if it is not this worker's to run.
 
     A queued item, or a running one whose lease has expired, is claimed when it has attempts left; its attempts go
-    up by one. None when another worker holds a live lease, the item is finished, its attempts are used up, or
-    its job is being canceled.
+    up by one. A running item whose lease ``worker`` already holds is kept by it with a fresh deadline and the same
+    attempts (its earlier claim committed but the worker never heard so, e.g. the database connection dropped).
+    None when another worker holds a live lease, the item is finished, its attempts are used up, or its job is
+    being canceled.
     """
     now = now or utc_now()
     job = _lock_job_of_item(session, item_id, now)
     if job.cancel_requested_at is not None:
         return None
+    renewed = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    own = _update_item(session, item_id, _held_by(worker), renewed)
+    if own is not None:
+        _refresh_job_status(session, job, now)
+        return own
     lease = {
         "status": ItemStatus.RUNNING.value,
         "lease_owner": worker,
@@ -323,6 +330,63 @@ def fail_item(
     return item
 
 
+def defer_item(
+    *,
+    session: Session,
+    item_id: uuid.UUID,
+    worker: str,
+    code: str,
+    message: str,
+    not_before: datetime,
+    now: datetime | None = None,
+) -> Item:
+    """Give back a claimed item that could not start for a reason outside it (the storage is unreachable): queued
+    again without spending the attempt its claim counted, with the error kept for the user to see, and left alone by
+    the reconciler until ``not_before`` (kept in ``lease_expires_at``; whoever defers it publishes it for then). A
+    job being canceled ends the item canceled. Raises ``LeaseLostError`` unless ``worker`` holds the lease.
+    """
+    now = now or utc_now()
+    job = _lock_job_of_item(session, item_id, now)
+    target = ItemStatus.CANCELED if job.cancel_requested_at is not None else ItemStatus.QUEUED
+    outcome: dict[str, Any] = {
+        "status": target.value,
+        "lease_owner": None,
+        "lease_expires_at": not_before if target is ItemStatus.QUEUED else None,
+        "attempts": Item.attempts - 1,
+        "error_code": code,
+        "error_message": message,
+        "finished_at": now if target.is_terminal() else None,
+    }
+    item = _update_item(session, item_id, _held_by(worker), outcome)
+    if item is None:
+        raise LeaseLostError(f"worker {worker!r} does not hold item {item_id}")
+    _move_counts(job, ItemStatus.RUNNING, target)
+    _refresh_job_status(session, job, now)
+    return item
+
+
+def renew_leases(
+    *,
+    session: Session,
+    item_ids: Sequence[uuid.UUID],
+    worker: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> list[uuid.UUID]:
+    """Push the lease deadline of the items ``worker`` holds among ``item_ids`` to ``now + lease_seconds``; the ids
+    whose lease it still held (the others were taken back or finished). No status changes, so no job row lock."""
+    now = now or utc_now()
+    if not item_ids:
+        return []
+    statement = (
+        update(Item)
+        .where(Item.id.in_(list(item_ids)), *_held_by(worker))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Item.id)
+    )
+    return list(session.execute(statement.execution_options(synchronize_session=False)).scalars())
+
+
 def cancel_item(*, session: Session, item_id: uuid.UUID, worker: str, now: datetime | None = None) -> Item:
     """End a running item as canceled (its worker saw the job's cancel request); ``LeaseLostError`` unless held."""
     now = now or utc_now()
@@ -420,6 +484,7 @@ def items_to_reconcile(
     """Items the reconciler must look at: running ones with an expired lease (release them with
     ``release_expired_item``) and queued ones created before ``queued_before`` (default ``now``), whose queue
     message may be lost (publish them again: a duplicate message is harmless, ``claim_item`` lets one through).
+    A queued item deferred until a later time (``defer_item``) is left out until then: its message is scheduled.
     """
     now = now or utc_now()
     queued_before = queued_before or now
@@ -428,7 +493,9 @@ def items_to_reconcile(
         .where(
             or_(
                 (Item.status == ItemStatus.RUNNING.value) & (Item.lease_expires_at < now),
-                (Item.status == ItemStatus.QUEUED.value) & (Item.created_at < queued_before),
+                (Item.status == ItemStatus.QUEUED.value)
+                & (Item.created_at < queued_before)
+                & or_(Item.lease_expires_at.is_(None), Item.lease_expires_at < now),
             )
         )
         .order_by(Item.created_at, Item.index)
