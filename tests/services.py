@@ -1,4 +1,6 @@
-"""Service processes for the tests: a moto S3 server and the HTTP API, each a real process on a free port."""
+"""Service processes for the tests, each a real process on a free port: a moto S3 server, the HTTP API, Celery
+workers, and for the fault tests a PostgreSQL cluster and a Redis server of their own, and a TCP gate in front of a
+server that can refuse or freeze connections on command."""
 
 from __future__ import annotations
 
@@ -181,3 +183,284 @@ def webhook_receiver() -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class WorkerProcess:
+    """One ``xmgie worker`` process (leader of its own process group) and its log file."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the worker's whole process group (the worker and its pool children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+    def stop(self) -> None:
+        """Warm shutdown, then SIGKILL of the group if it does not exit within 10 s."""
+        if self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+        self.kill(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class WorkerStarter:
+    """Starts worker processes for one test and stops them all at its end."""
+
+    tmp_path: Path
+    base_env: dict[str, str]
+    started: list[WorkerProcess] = field(default_factory=list)
+
+    def __call__(self, *args: str, command: str = "worker", **env: str) -> WorkerProcess:
+        """Start ``xmgie <command> --loglevel=INFO *args`` (``worker`` or ``beat``) with the base environment and
+        ``env``."""
+        log_path = self.tmp_path / f"{command}-{len(self.started)}.log"
+        environment = {**self.base_env, **env}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "xmgie.cli", command, "--loglevel=INFO", *args],
+                cwd=REPO_ROOT,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = WorkerProcess(process, log_path)
+        self.started.append(worker)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+
+
+POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+"""Where Debian's PostgreSQL packages keep ``initdb`` and ``pg_ctl``."""
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    """``command`` run as the ``postgres`` OS user when this process is root (PostgreSQL refuses to run as root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@dataclass
+class PostgresCluster:
+    """A PostgreSQL cluster of the test's own (``initdb`` in a temporary folder, on a free port, trust auth), which
+    the test may stop, start and restart; never the shared server."""
+
+    bin_dir: Path
+    data_dir: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        """The URL of the ``postgres`` database of this cluster."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
+        log = self.data_dir.parent / "postgres.log"
+        command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(log), "-w", "-t", "60", *args]
+        subprocess.run(_as_postgres_user(command), check=True, capture_output=True, timeout=90)
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._pg_ctl("start")
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are terminated, as in a server restart."""
+        self._pg_ctl("stop", "-m", "fast")
+
+
+@contextlib.contextmanager
+def postgres_cluster(tmp_dir: Path) -> Iterator[PostgresCluster]:
+    """A fresh PostgreSQL cluster under ``tmp_dir`` (skips the test when no PostgreSQL binaries are installed)."""
+    found = sorted(Path("/").glob(POSTGRES_BIN_GLOB.lstrip("/")))
+    if not found or (os.geteuid() == 0 and not _user_exists("postgres")):
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) or postgres user on this machine")
+    bin_dir = found[-1]
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = tmp_dir / "pgdata"
+    if os.geteuid() == 0:
+        # The server runs as postgres: its folder (and the way to it) must be open to that user.
+        os.chmod(tmp_dir, 0o777)
+        for parent in tmp_dir.parents:
+            if parent == Path("/"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o011)
+    subprocess.run(
+        _as_postgres_user([str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    cluster = PostgresCluster(bin_dir, data_dir, free_port())
+    with (data_dir / "postgresql.conf").open("a") as conf:
+        conf.write(
+            f"port = {cluster.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{tmp_dir}'\n"
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
+        )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster._pg_ctl("stop", "-m", "immediate")
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` of the test's own on a fixed port, without persistence (a restart loses every message, as
+    a broker without AOF does), which the test may stop and start again on the same port."""
+
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        import redis
+
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    pytest.fail(f"redis-server did not start on port {self.port}")
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        """Kill the server (its data is gone with it)."""
+        if self.process is not None:
+            stop_process_group(self.process)
+            self.process = None
+
+
+@contextlib.contextmanager
+def redis_server(tmp_dir: Path) -> Iterator[RedisServer]:
+    """A Redis server of the test's own on a free port (skips the test when ``redis-server`` is not installed)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(free_port(), tmp_dir / "redis.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class TcpGate:
+    """A TCP forwarder on a port of its own in front of ``target_port``, in threads of this process: ``open`` (the
+    default) relays bytes both ways, ``refuse()`` closes every connection and stops listening (connections are
+    refused, as by a stopped server), ``freeze()`` keeps accepting but relays nothing (as a hung server)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._frozen = threading.Event()
+        self._connections: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.open()
+
+    def open(self) -> None:
+        """Accept and relay connections (again)."""
+        self._frozen.clear()
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(128)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name="tcp-gate", daemon=True).start()
+
+    def refuse(self) -> None:
+        """Stop listening and cut every open connection."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._connections = self._connections, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    def freeze(self) -> None:
+        """Keep accepting connections but pass no byte either way until ``open()``."""
+        self._frozen.set()
+
+    def close(self) -> None:
+        self.refuse()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                while self._frozen.is_set():
+                    time.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)

@@ -7,16 +7,11 @@ test starts is stopped (SIGTERM, then SIGKILL of its group) when the test ends. 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.jobs.databases import fresh_postgres_database, postgres_reachable
+from tests.services import WorkerProcess, WorkerStarter
 from xmgie.jobs import transitions
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.migrate import upgrade_database
@@ -86,63 +82,6 @@ def storage_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def storage(storage_dir: Path) -> LocalStorage:
     return LocalStorage(storage_dir)
-
-
-@dataclass
-class WorkerProcess:
-    """One ``xmgie worker`` process (leader of its own process group) and its log file."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the worker's whole process group (the worker and its pool children)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
-
-    def stop(self) -> None:
-        """Warm shutdown, then SIGKILL of the group if it does not exit within 10 s."""
-        if self.process.poll() is None:
-            self.kill(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=10)
-        self.kill(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
-
-
-@dataclass
-class WorkerStarter:
-    """Starts worker processes for one test and stops them all at its end."""
-
-    tmp_path: Path
-    base_env: dict[str, str]
-    started: list[WorkerProcess] = field(default_factory=list)
-
-    def __call__(self, *args: str, command: str = "worker", **env: str) -> WorkerProcess:
-        """Start ``xmgie <command> --loglevel=INFO *args`` (``worker`` or ``beat``) with the base environment and
-        ``env``."""
-        log_path = self.tmp_path / f"{command}-{len(self.started)}.log"
-        environment = {**self.base_env, **env}
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "xmgie.cli", command, "--loglevel=INFO", *args],
-                cwd=REPO_ROOT,
-                env=environment,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = WorkerProcess(process, log_path)
-        self.started.append(worker)
-        return worker
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop()
 
 
 @pytest.fixture
