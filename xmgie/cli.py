@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_STEPS,
     )
     from xmgie.eval_arguments import add_eval_arguments
+    from xmgie.training.arguments import add_training_commands
 
     parser = argparse.ArgumentParser(prog="xmgie", description="MLLM-guided image editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_commands(commands)
     _add_worker_commands(commands)
     _add_client_commands(commands)
+    add_training_commands(commands, DEFAULT_CACHE_DIR)
     return parser
 
 
@@ -421,7 +423,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_COMMANDS = frozenset({"edit", "batch", "augment", "model", "eval"})
+MODEL_COMMANDS = frozenset({"edit", "batch", "augment", "model", "eval", "train", "data"})
 """Commands that load a model in this process; the others (API, workers, client) never import the model
 libraries up front, so they start in a couple of seconds."""
 
@@ -473,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
             from xmgie.metrics import run_eval
 
             return run_eval(args)
+        if args.command in ("train", "data"):
+            from xmgie.training.arguments import run_data, run_train
+
+            return run_train(args) if args.command == "train" else run_data(args)
         return run_model(args)
     except EditInputError as error:
         print(f"error: {error.code}: {error.message}", file=sys.stderr)

@@ -1,0 +1,90 @@
+"""``xmgie data synth``: exact targets, exact masks, disjoint splits, reproducible files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmgie.cli import main
+from xmgie.training.data import read_pairs
+from xmgie.training.synth import GLOBAL_TRANSFORMS, LOCAL_KINDS, write_synthetic_dataset
+
+
+def rows(folder):
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def pixels(folder, name):
+    return np.asarray(Image.open(folder / name))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    output = tmp_path_factory.mktemp("synth") / "data"
+    assert main(["data", "synth", "--output", str(output), "--count", "30", "--seed", "7", "--size", "48"]) == 0
+    return output
+
+
+def test_splits_are_folders_in_the_paired_layout_that_share_no_photo(synth):
+    train, test = rows(synth / "train"), rows(synth / "test")
+    assert (len(train), len(test)) == (24, 6)
+    assert {row["split"] for row in train} == {"train"} and {row["split"] for row in test} == {"test"}
+    assert not {row["photo"] for row in train} & {row["photo"] for row in test}
+    assert len(read_pairs(synth / "train")) == 24 and len(read_pairs(synth / "test")) == 6
+    assert Image.open(synth / "train" / train[0]["source_file"]).size == (48, 48)
+    # Crops differ in place and scale: no two sources of the split are the same picture.
+    sources = {pixels(synth / "train", row["source_file"]).tobytes() for row in train}
+    assert len(sources) == len(train)
+
+
+def test_global_targets_are_the_exact_transform_and_the_mask_is_full(synth):
+    seen = set()
+    for split in ("train", "test"):
+        for row in rows(synth / split):
+            if row["kind"] not in GLOBAL_TRANSFORMS:
+                continue
+            seen.add(row["kind"])
+            source = pixels(synth / split, row["source_file"])
+            target = pixels(synth / split, row["target_file"])
+            assert np.array_equal(target, GLOBAL_TRANSFORMS[row["kind"]](source)), row["kind"]
+            assert pixels(synth / split, row["mask_file"]).min() == 255
+            if row["kind"] == "invert":
+                assert np.array_equal(target, 255 - source)
+            if row["kind"] == "black_and_white":
+                assert np.array_equal(target[..., 0], target[..., 1]) and np.array_equal(
+                    target[..., 1], target[..., 2]
+                )
+    assert seen == set(GLOBAL_TRANSFORMS)
+
+
+def test_local_masks_cover_exactly_the_changed_pixels(synth):
+    kinds = set()
+    for split in ("train", "test"):
+        for row in rows(synth / split):
+            if row["kind"] not in LOCAL_KINDS:
+                continue
+            kinds.add(row["kind"])
+            source = pixels(synth / split, row["source_file"]).astype(int)
+            target = pixels(synth / split, row["target_file"]).astype(int)
+            mask = pixels(synth / split, row["mask_file"]) == 255
+            changed = (source != target).any(axis=-1)
+            assert 0 < mask.sum() < mask.size / 4
+            assert np.array_equal(changed, mask), row["kind"]
+            assert row["colour"] in row["instruction"] or row["shape"] in row["instruction"]
+            assert row["place"] in row["expressive_instruction"]
+    assert kinds == set(LOCAL_KINDS)
+
+
+def test_the_same_seed_writes_identical_files_and_another_seed_other_ones(tmp_path):
+    def files(folder):
+        return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+    write_synthetic_dataset(tmp_path / "a", 14, seed=3, size=32)
+    write_synthetic_dataset(tmp_path / "b", 14, seed=3, size=32)
+    write_synthetic_dataset(tmp_path / "c", 14, seed=4, size=32)
+    first, second, other = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    assert first == second
+    assert first.keys() == other.keys() and first != other

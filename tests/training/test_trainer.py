@@ -1,0 +1,243 @@
+"""``xmgie train`` on the tiny preset: MGIE's two losses, frozen parts, dropout, checkpoints and resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xmgie.cli import main
+from xmgie.editing.images import load_image
+from xmgie.editing.mllm import IMG_TOKENS
+from xmgie.loading.directory import load_pipeline
+from xmgie.training.data import PairedEditDataset, collate_pairs
+from xmgie.training.objective import (
+    IGNORE_INDEX,
+    MGIEObjective,
+    StepNoise,
+    build_teacher_forcing_batch,
+    draw_conditioning_dropout,
+    num_image_tokens,
+)
+from xmgie.training.synth import write_synthetic_dataset
+from xmgie.training.trainer import TrainingConfig, latest_checkpoint, train
+
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Two training pairs (one fixed batch) of the synthetic dataset."""
+    output = tmp_path_factory.mktemp("pairs") / "synth"
+    write_synthetic_dataset(output, 3, seed=0, size=RESOLUTION, kinds=("invert", "add_shape"))
+    return output / "train"
+
+
+def config(pairs, output, model_cache, **changes) -> TrainingConfig:
+    values = {
+        "data": str(pairs),
+        "output_dir": str(output),
+        "cache_dir": str(model_cache),
+        "resolution": RESOLUTION,
+        "batch_size": 2,
+        "max_steps": 4,
+        "learning_rate": 3e-3,
+        "progress": False,
+    }
+    return TrainingConfig(**{**values, **changes})
+
+
+def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def fixed_losses(model_dir, pairs, model_cache) -> dict[str, float]:
+    """Both losses of the fixed batch with fixed noise and no dropout."""
+    pipe = load_pipeline(model_dir, cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    from diffusers import DDPMScheduler
+
+    objective = MGIEObjective(
+        pipe.mllm, pipe.edit_head, pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config)
+    )
+    batch = collate_pairs([item for item in PairedEditDataset(pairs, RESOLUTION)])
+    inputs = build_teacher_forcing_batch(
+        pipe.tokenizer,
+        pipe.feature_extractor,
+        num_image_tokens(pipe.mllm),
+        batch["source_image"],
+        batch["instruction"],
+        batch["expressive_instruction"],
+    )
+    totals = {"instruction_loss": 0.0, "edit_loss": 0.0}
+    with torch.no_grad():
+        for draw in range(4):
+            noise = StepNoise.draw(torch.Generator().manual_seed(draw), 2, (4, 4, 4), 1000, dropout_rate=0.0)
+            losses = objective(inputs, batch["source_pixels"], batch["target_pixels"], noise)
+            for name in totals:
+                totals[name] += losses[name].item() / 4
+    return totals
+
+
+def test_both_losses_fall_over_a_few_dozen_steps_on_a_fixed_batch(pairs, tiny_dir, model_cache, tmp_path):
+    before = fixed_losses(tiny_dir, pairs, model_cache)
+    result = train(config(pairs, tmp_path / "out", model_cache, max_steps=30, warmup_steps=3))
+    after = fixed_losses(tmp_path / "out", pairs, model_cache)
+    assert result.steps == 30 and len(result.history) == 30
+    assert after["instruction_loss"] < 0.7 * before["instruction_loss"], (before, after)
+    assert after["edit_loss"] < 0.8 * before["edit_loss"], (before, after)
+    # The log has one row per step with both losses; the warm-up ramps the learning rate.
+    log = (tmp_path / "out" / "training_log.jsonl").read_text().splitlines()
+    assert len(log) == 30
+    assert result.history[0]["lr"] < result.history[5]["lr"] == pytest.approx(3e-3)
+
+
+def test_a_resumed_run_ends_with_the_parameters_of_the_uninterrupted_one(pairs, model_cache, tmp_path):
+    whole = train(
+        config(pairs, tmp_path / "whole", model_cache, max_steps=4, checkpoint_every=2, gradient_accumulation_steps=2)
+    )
+    checkpoint = latest_checkpoint(tmp_path / "whole")
+    assert checkpoint is not None and checkpoint.name == "step-000002"
+    resumed = train(
+        config(
+            pairs,
+            tmp_path / "resumed",
+            model_cache,
+            max_steps=4,
+            gradient_accumulation_steps=2,
+            resume=str(checkpoint),
+        )
+    )
+    assert resumed.history == whole.history
+    first = load_pipeline(tmp_path / "whole", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    second = load_pipeline(tmp_path / "resumed", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    middle = load_pipeline(checkpoint, cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    for name in ("mllm", "edit_head", "unet"):
+        assert same(parameters(getattr(first, name)), parameters(getattr(second, name))), name
+        assert not same(parameters(getattr(first, name)), parameters(getattr(middle, name))), name
+
+
+def test_frozen_components_do_not_change(pairs, tiny_pipe, model_cache, tmp_path):
+    train(config(pairs, tmp_path / "head", model_cache, train=("edit_head",), max_steps=2))
+    head_only = load_pipeline(tmp_path / "head", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    for name in ("mllm", "unet", "vae"):
+        assert same(parameters(getattr(tiny_pipe, name)), parameters(getattr(head_only, name))), name
+    assert not same(parameters(tiny_pipe.edit_head), parameters(head_only.edit_head))
+
+    train(config(pairs, tmp_path / "default", model_cache, max_steps=2))
+    default = load_pipeline(tmp_path / "default", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    # MGIE's default: the vision tower stays frozen while the language model, edit head and UNet learn.
+    assert same(parameters(tiny_pipe.mllm.model.vision_tower), parameters(default.mllm.model.vision_tower))
+    assert same(parameters(tiny_pipe.vae), parameters(default.vae))
+    for module in ("language_model", "multi_modal_projector"):
+        assert not same(
+            parameters(getattr(tiny_pipe.mllm.model, module)), parameters(getattr(default.mllm.model, module))
+        )
+    assert not same(parameters(tiny_pipe.unet), parameters(default.unet))
+
+
+def test_conditioning_dropout_rates_are_instruct_pix2pix_ones():
+    drop_conditioning, drop_image = draw_conditioning_dropout(200_000, torch.Generator().manual_seed(0))
+    rates = {
+        "conditioning only": (drop_conditioning & ~drop_image).float().mean().item(),
+        "image only": (~drop_conditioning & drop_image).float().mean().item(),
+        "both": (drop_conditioning & drop_image).float().mean().item(),
+        "neither": (~drop_conditioning & ~drop_image).float().mean().item(),
+    }
+    for name in ("conditioning only", "image only", "both"):
+        assert rates[name] == pytest.approx(0.05, abs=0.003), rates
+    assert rates["neither"] == pytest.approx(0.85, abs=0.005), rates
+
+
+def test_dropped_items_reach_the_unet_as_null_conditioning_and_zero_image(pairs, tiny_pipe):
+    from diffusers import DDPMScheduler
+
+    objective = MGIEObjective(
+        tiny_pipe.mllm,
+        tiny_pipe.edit_head,
+        tiny_pipe.unet,
+        tiny_pipe.vae,
+        DDPMScheduler.from_config(tiny_pipe.scheduler.config),
+    )
+    batch = collate_pairs([item for item in PairedEditDataset(pairs, RESOLUTION)])
+    inputs = build_teacher_forcing_batch(
+        tiny_pipe.tokenizer,
+        tiny_pipe.feature_extractor,
+        num_image_tokens(tiny_pipe.mllm),
+        batch["source_image"],
+        batch["instruction"],
+        batch["expressive_instruction"],
+    )
+    # The [IMG] states are the ones that predict the [IMG] tokens; only the answer carries labels.
+    img_ids = torch.tensor(tiny_pipe.tokenizer.convert_tokens_to_ids(IMG_TOKENS))
+    for row in range(2):
+        assert torch.equal(inputs.input_ids[row, inputs.img_positions[row] + 1], img_ids)
+        answer = inputs.labels[row] != IGNORE_INDEX
+        assert torch.equal(inputs.labels[row, answer][-9:-1], img_ids)
+        assert inputs.labels[row, answer][-1] == tiny_pipe.tokenizer.eos_token_id
+    seen = {}
+    hook = tiny_pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(sample=args[0], conditioning=kwargs["encoder_hidden_states"]),
+        with_kwargs=True,
+    )
+    try:
+        noise = StepNoise.draw(torch.Generator().manual_seed(0), 2, (4, 4, 4), 1000)
+        noise.drop_conditioning = torch.tensor([True, False])
+        noise.drop_image = torch.tensor([False, True])
+        with torch.no_grad():
+            objective(inputs, batch["source_pixels"], batch["target_pixels"], noise)
+            null = tiny_pipe.edit_head.null_conditioning(1)[0]
+    finally:
+        hook.remove()
+    assert torch.allclose(seen["conditioning"][0], null, atol=1e-6)
+    assert not torch.allclose(seen["conditioning"][1], null, atol=1e-3)
+    assert seen["sample"][1, 4:].abs().max() == 0 and seen["sample"][0, 4:].abs().max() > 0
+
+
+def test_the_command_trains_in_bf16_and_the_directory_edits(pairs, tiny_dir, model_cache, tmp_path):
+    out = tmp_path / "model"
+    command = [sys.executable, "-m", "xmgie.cli", "train", "--data", str(pairs), "--output-dir", str(out)]
+    command += ["--model", str(tiny_dir), "--resolution", str(RESOLUTION), "--batch-size", "2", "--max-steps", "2"]
+    command += ["--precision", "bf16", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert "trained 2 steps" in done.stdout
+    source = pairs / "images" / "00000_source.png"
+    assert (
+        main(
+            [
+                "edit",
+                str(source),
+                "--instruction",
+                "invert the colours",
+                "--model",
+                str(out),
+                "--steps",
+                "2",
+                "--max-side",
+                "64",
+                "--seed",
+                "1",
+                "--output",
+                str(tmp_path / "edit.png"),
+            ]
+        )
+        == 0
+    )
+    assert load_image(tmp_path / "edit.png").size == load_image(source).size
+
+
+def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tmp_path):
+    from xmgie.editing.errors import EditInputError
+
+    with pytest.raises(EditInputError, match="--train: unknown component"):
+        train(config(pairs, tmp_path / "x", model_cache, train=("text_encoder",)))
+    with pytest.raises(EditInputError) as missing:
+        train(config(pairs, tmp_path / "x", model_cache, resume="latest"))
+    assert missing.value.code == "checkpoint_not_found"

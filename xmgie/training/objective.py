@@ -1,0 +1,206 @@
+"""MGIE's training objective: the instruction loss of the MLLM plus InstructPix2Pix's edit loss.
+
+- **Instruction loss.** The MLLM reads MGIE's prompt with the source image and is teacher-forced on
+  the expressive instruction followed by the eight ``[IMG]`` tokens and the end of sequence; the loss
+  is the cross-entropy of those answer tokens only.
+- **Edit loss.** The last-layer hidden states that predict the eight ``[IMG]`` tokens (the ones the
+  pipeline hands to the edit head at inference) go through the edit head; the UNet is trained to
+  predict the noise added to the target's latent, with the source's latent concatenated to its
+  input, as InstructPix2Pix trains. Conditioning dropout (InstructPix2Pix's): for 5 % of the items the
+  conditioning becomes the null conditioning, for 5 % the source latent becomes zeros, for 5 % both —
+  the three branches of the three-way guidance at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from xmgie.editing.mllm import IMG_TOKENS, MAX_NEW_TOKENS, MLLM_SPECIAL_TOKENS, build_prompt, strip_special_tokens
+
+IGNORE_INDEX = -100
+CONDITIONING_DROPOUT = 0.05
+"""InstructPix2Pix's rate for each of: conditioning dropped, source image dropped, both dropped."""
+
+
+def num_image_tokens(mllm) -> int:
+    """How many ``<im_patch>`` tokens stand for the image in the MLLM's prompt."""
+    vision = mllm.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def prompt_token_ids(tokenizer, instruction: str, image_tokens: int) -> list[int]:
+    """MGIE's prompt for ``instruction`` as token ids, exactly as the pipeline builds it at inference."""
+    special = list(tokenizer.all_special_tokens) + IMG_TOKENS + MLLM_SPECIAL_TOKENS
+    return tokenizer(build_prompt(strip_special_tokens(instruction, special), image_tokens))["input_ids"]
+
+
+def answer_token_ids(tokenizer, expressive_instruction: str, max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+    """The answer the MLLM learns: the expressive instruction, ``[IMG0]``…``[IMG7]`` and the end of sequence.
+
+    The text is cut so that the whole answer fits the generation budget of inference.
+    """
+    text_ids = tokenizer(expressive_instruction, add_special_tokens=False)["input_ids"]
+    text_ids = text_ids[: max_new_tokens - len(IMG_TOKENS) - 1]
+    return text_ids + tokenizer.convert_tokens_to_ids(IMG_TOKENS) + [tokenizer.eos_token_id]
+
+
+@dataclass
+class TeacherForcingBatch:
+    """The MLLM's inputs for a batch: right-padded ids, labels on the answer only, ``[IMG]`` state positions."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    img_positions: torch.Tensor
+    pixel_values: torch.Tensor
+
+
+def build_teacher_forcing_batch(
+    tokenizer,
+    feature_extractor,
+    image_tokens: int,
+    images: list[Image.Image],
+    instructions: list[str],
+    expressive_instructions: list[str],
+) -> TeacherForcingBatch:
+    """Token ids, labels and image pixels of ``prompt + answer`` for each item.
+
+    ``img_positions[i]`` are the eight positions whose hidden states predict ``[IMG0]``…``[IMG7]``: the
+    states MGIE's inference takes (from one before the generated ``[IMG0]``).
+    """
+    sequences, labels, positions = [], [], []
+    for instruction, expressive in zip(instructions, expressive_instructions, strict=True):
+        prompt = prompt_token_ids(tokenizer, instruction, image_tokens)
+        answer = answer_token_ids(tokenizer, expressive)
+        sequences.append(prompt + answer)
+        labels.append([IGNORE_INDEX] * len(prompt) + answer)
+        img0 = len(prompt) + len(answer) - len(IMG_TOKENS) - 1
+        positions.append(list(range(img0 - 1, img0 - 1 + len(IMG_TOKENS))))
+    length = max(len(sequence) for sequence in sequences)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+    label_ids = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (sequence, label) in enumerate(zip(sequences, labels, strict=True)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        label_ids[row, : len(label)] = torch.tensor(label)
+        attention_mask[row, : len(sequence)] = 1
+    pixel_values = feature_extractor(images=images, return_tensors="pt")["pixel_values"]
+    return TeacherForcingBatch(input_ids, attention_mask, label_ids, torch.tensor(positions), pixel_values)
+
+
+def draw_conditioning_dropout(
+    batch_size: int, generator: torch.Generator, rate: float = CONDITIONING_DROPOUT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which items lose their conditioning and which their source image, InstructPix2Pix's way.
+
+    One uniform draw ``p`` per item: ``p < rate`` drops the conditioning, ``rate ≤ p < 2·rate`` both,
+    ``2·rate ≤ p < 3·rate`` the source image.
+    """
+    p = torch.rand(batch_size, generator=generator)
+    drop_conditioning = p < 2 * rate
+    drop_image = (p >= rate) & (p < 3 * rate)
+    return drop_conditioning, drop_image
+
+
+@dataclass
+class StepNoise:
+    """Every random draw of one training step, made up front from the step's own generator."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    latent_noise: torch.Tensor
+    drop_conditioning: torch.Tensor
+    drop_image: torch.Tensor
+
+    @classmethod
+    def draw(
+        cls,
+        generator: torch.Generator,
+        batch_size: int,
+        latent_shape: tuple[int, int, int],
+        num_train_timesteps: int,
+        dropout_rate: float = CONDITIONING_DROPOUT,
+    ) -> StepNoise:
+        """Timesteps, the diffusion noise, the target latent's sampling noise and the dropout decisions."""
+        timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn((batch_size, *latent_shape), generator=generator)
+        latent_noise = torch.randn((batch_size, *latent_shape), generator=generator)
+        drop_conditioning, drop_image = draw_conditioning_dropout(batch_size, generator, dropout_rate)
+        return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image)
+
+
+class MGIEObjective(nn.Module):
+    """The trained model as one module whose forward returns MGIE's two losses.
+
+    Holding every component in one module lets ``accelerate`` wrap it once for data-parallel training;
+    the components are the pipeline's own objects, so saving the pipeline saves what was trained.
+    """
+
+    def __init__(self, mllm, edit_head: nn.Module, unet: nn.Module, vae: nn.Module, noise_scheduler) -> None:
+        super().__init__()
+        self.mllm = mllm
+        self.edit_head = edit_head
+        self.unet = unet
+        self.vae = vae
+        self.noise_scheduler = noise_scheduler
+
+    def forward(
+        self,
+        mllm_inputs: TeacherForcingBatch,
+        source_pixels: torch.Tensor,
+        target_pixels: torch.Tensor,
+        noise: StepNoise,
+    ) -> dict[str, torch.Tensor]:
+        """``instruction_loss`` and ``edit_loss`` of a batch."""
+        device = source_pixels.device
+        # 1. Instruction loss: teacher-forced cross-entropy on the answer tokens
+        out = self.mllm(
+            input_ids=mllm_inputs.input_ids,
+            attention_mask=mllm_inputs.attention_mask,
+            pixel_values=mllm_inputs.pixel_values.to(self.mllm.dtype),
+            output_hidden_states=True,
+        )
+        logits = out.logits[:, :-1].float()
+        labels = mllm_inputs.labels[:, 1:]
+        instruction_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+        # 2. Edit-head conditioning from the [IMG] hidden states, dropped to the null conditioning for some items
+        hidden = out.hidden_states[-1]
+        rows = torch.arange(hidden.shape[0], device=device)[:, None]
+        img_hidden = hidden[rows, mllm_inputs.img_positions].to(self.edit_head.dtype)
+        conditioning = self.edit_head(img_hidden)
+        null = self.edit_head(torch.zeros_like(img_hidden))
+        drop_conditioning = noise.drop_conditioning.to(device)[:, None, None]
+        conditioning = torch.where(drop_conditioning, null, conditioning)
+
+        # 3. Latents: the target's sampled from the VAE posterior and scaled, the source's its mode, unscaled
+        with torch.no_grad():
+            vae_dtype = self.vae.dtype
+            posterior = self.vae.encode(target_pixels.to(vae_dtype)).latent_dist
+            latents = (posterior.mean + posterior.std * noise.latent_noise.to(device, vae_dtype)) * (
+                self.vae.config.scaling_factor
+            )
+            source_latents = self.vae.encode(source_pixels.to(vae_dtype)).latent_dist.mode()
+        keep_image = (~noise.drop_image.to(device)).to(source_latents.dtype)[:, None, None, None]
+        source_latents = source_latents * keep_image
+
+        # 4. Edit loss: InstructPix2Pix's denoising loss
+        timesteps = noise.timesteps.to(device)
+        epsilon = noise.noise.to(device, latents.dtype)
+        noisy = self.noise_scheduler.add_noise(latents, epsilon, timesteps)
+        model_input = torch.cat([noisy, source_latents], dim=1).to(self.unet.dtype)
+        prediction = self.unet(
+            model_input, timesteps, encoder_hidden_states=conditioning.to(self.unet.dtype), return_dict=False
+        )[0]
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, epsilon, timesteps)
+        else:
+            target = epsilon
+        edit_loss = F.mse_loss(prediction.float(), target.float())
+        return {"instruction_loss": instruction_loss, "edit_loss": edit_loss}
