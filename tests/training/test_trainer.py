@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def test_a_resumed_run_ends_with_the_parameters_of_the_uninterrupted_one(pairs, 
         )
     )
     assert resumed.history == whole.history
+    log = (tmp_path / "resumed" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
     first = load_pipeline(tmp_path / "whole", cache_dir=model_cache, device="cpu", dtype=torch.float32)
     second = load_pipeline(tmp_path / "resumed", cache_dir=model_cache, device="cpu", dtype=torch.float32)
     middle = load_pipeline(checkpoint, cache_dir=model_cache, device="cpu", dtype=torch.float32)

@@ -20,9 +20,8 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +73,6 @@ class TrainingConfig:
     resume: str | None = None
     num_workers: int = 0
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Refuse option values that cannot train, naming the option."""
@@ -268,8 +266,11 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
     latent_shape = (pipe.vae.config.latent_channels, resolution // vae_factor, resolution // vae_factor)
     image_tokens = num_image_tokens(pipe.mllm)
 
-    # 5. Training loop
+    # 5. Training loop; the log restarts from the checkpoint's history, so a resumed run lists each step once
     output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        rows = "".join(json.dumps(row) + "\n" for row in history)
+        (output_dir / TRAINING_LOG_FILE).write_text(rows, encoding="utf-8")
     bar = _progress_bar(config, accelerator, start_step)
     micro_step = micro_batches_done
     step = start_step
