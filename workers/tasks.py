@@ -3,7 +3,8 @@
 Each worker process creates its database engine, storage and editor on its first task (never at import, never in
 the parent of a fork); the model itself is loaded by the editor's first edit, once per process. The editor is the
 settings' model unless ``XMGIE_EDITOR=noop``: then items are copied unchanged, after ``XMGIE_NOOP_DELAY`` seconds
-per item (default 0), for queue benchmarks and tests of the job machinery only.
+per item (default 0) and a first load of ``XMGIE_NOOP_LOAD_DELAY`` seconds (default 0), for queue benchmarks and
+tests of the job machinery only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ EDITOR_ENV = "XMGIE_EDITOR"
 """``pipeline`` (default: the settings' model) or ``noop`` (no model; benchmarks and tests only)."""
 NOOP_DELAY_ENV = "XMGIE_NOOP_DELAY"
 """Seconds the ``noop`` editor waits per item, to stand in for a slow model in tests."""
+NOOP_LOAD_DELAY_ENV = "XMGIE_NOOP_LOAD_DELAY"
+"""Seconds the ``noop`` editor's first ``load()`` waits, to stand in for a slow model load in tests."""
 RECONCILE_BATCH_LIMIT = 1000
 """Items the reconciler looks at per run; the next run takes the rest."""
 STALE_WEBHOOK_SECONDS = 900.0
@@ -66,11 +69,21 @@ persistence, flushed) and with it every queued message, so every queued item is 
 
 
 class DelayedNoOpEditor(NoOpEditor):
-    """``NoOpEditor`` that first sleeps ``delay`` seconds per request (a stand-in for a slow model)."""
+    """``NoOpEditor`` that first sleeps ``delay`` seconds per request, and ``load_delay`` seconds in its first
+    ``load()`` (a stand-in for a slow model and its load)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, load_delay: float = 0.0) -> None:
         super().__init__()
         self.delay = delay
+        self.load_delay = load_delay
+        self.loaded = False
+
+    def load(self) -> None:
+        """Sleep ``load_delay`` seconds the first time."""
+        if not self.loaded:
+            logger.info("noop editor: loading for %.1f s", self.load_delay)
+            time.sleep(self.load_delay)
+            self.loaded = True
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         """Sleep, then return the inputs unchanged."""
@@ -83,7 +96,9 @@ def editor_from_environment(settings: Settings) -> Editor:
     """The editor ``XMGIE_EDITOR`` selects: the settings' model (lazily loaded) or the no-op editor."""
     kind = os.environ.get(EDITOR_ENV, "pipeline").strip().lower()
     if kind == "noop":
-        return DelayedNoOpEditor(float(os.environ.get(NOOP_DELAY_ENV, "0") or 0))
+        return DelayedNoOpEditor(
+            float(os.environ.get(NOOP_DELAY_ENV, "0") or 0), float(os.environ.get(NOOP_LOAD_DELAY_ENV, "0") or 0)
+        )
     if kind != "pipeline":
         raise ValueError(f"{EDITOR_ENV} must be 'pipeline' or 'noop', got {kind!r}")
     return lazy_pipeline_editor(settings)

@@ -28,6 +28,7 @@ from xmgie.jobs.transitions import (
     is_cancel_requested,
     items_to_reconcile,
     release_expired_item,
+    renew_leases,
     succeed_item,
 )
 
@@ -313,6 +314,47 @@ def test_reconciler_releases_expired_leases(session: Session, tenant_id: uuid.UU
     assert failed is not None and (failed.status, failed.error_code) == (ItemStatus.FAILED, LEASE_EXPIRED_CODE)
     assert still_running is None
     assert retried.id in {item.id for item in items_to_reconcile(session=session, now=later + timedelta(seconds=1))}
+    assert_counts_match_items(session, job.id)
+
+
+def test_renewal_extends_only_the_leases_the_worker_still_holds(session: Session, tenant_id: uuid.UUID) -> None:
+    job, (kept, expired, taken, finished, queued) = submit(session, tenant_id, 5)
+    start = utc_now()
+    for item in (kept, expired, taken, finished):
+        claim(session, item, "worker-a", now=start)
+    succeed(session, finished, "worker-a")
+    later = start + timedelta(seconds=LEASE + 5)
+    claim(session, taken, "worker-b", now=later)
+    before = {item.id: item.lease_expires_at for item in item_rows(session, job.id)}
+
+    # ``expired`` is past its deadline but nobody took it yet: it is still worker-a's, and renewing it is safe.
+    renewed = renew_leases(
+        session=session,
+        item_ids=[item.id for item in (kept, expired, taken, finished, queued)],
+        worker="worker-a",
+        lease_seconds=LEASE,
+        now=later,
+    )
+    session.commit()
+
+    assert sorted(renewed) == sorted([kept.id, expired.id])
+    after = {item.id: item for item in item_rows(session, job.id)}
+    for item_id in (kept.id, expired.id):
+        assert after[item_id].lease_expires_at == later + timedelta(seconds=LEASE)
+        assert (after[item_id].status, after[item_id].lease_owner, after[item_id].attempts) == (
+            "running",
+            "worker-a",
+            1,
+        )
+    for item_id in (taken.id, finished.id, queued.id):
+        assert after[item_id].lease_expires_at == before[item_id]
+    assert after[taken.id].lease_owner == "worker-b"
+    # A renewed lease is not released by the reconciler.
+    assert (
+        release_expired_item(session=session, item_id=expired.id, max_attempts=3, now=later + timedelta(seconds=1))
+        is None
+    )
+    session.commit()
     assert_counts_match_items(session, job.id)
 
 

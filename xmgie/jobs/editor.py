@@ -3,12 +3,14 @@
 ``PipelineEditor`` runs an ``XMGIEPipeline``: requests whose options share a ``batch_key()`` go through one
 pipeline call, each with its own seeded generator, so an item's result depends on its seed only and not on its
 neighbours. ``lazy_pipeline_editor`` loads the configured model on first use, once per process (never in the parent
-of a fork). ``NoOpEditor`` returns the input unchanged, for queue benchmarks and tests that measure the job
-machinery without a model.
+of a fork); ``load_editor`` makes an editor that has a ``load()`` load its model now (workers load it before they
+claim anything, so no lease has to cover the load). ``NoOpEditor`` returns the input unchanged, for queue
+benchmarks and tests that measure the job machinery without a model.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -23,6 +25,8 @@ from xmgie.editing.options import EditOptions
 if TYPE_CHECKING:
     from xmgie.editing.pipeline import XMGIEPipeline
     from xmgie.jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +78,21 @@ class Editor(Protocol):
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         """Edit ``requests`` and return their results in the same order."""
         ...
+
+
+def load_editor(editor: Editor) -> None:
+    """Call the editor's ``load()`` if it has one (a lazily loaded model), so its first edit does not pay for it.
+
+    A failure is logged and not raised: the first edit loads again and fails its items with ``internal_error``
+    as any editor failure does, instead of leaving them queued behind a worker that cannot start.
+    """
+    load = getattr(editor, "load", None)
+    if not callable(load):
+        return
+    try:
+        load()
+    except Exception:  # noqa: BLE001 - see the docstring: the edit reports it on the items
+        logger.exception("loading the editor %r failed", editor)
 
 
 class NoOpEditor:
@@ -188,6 +207,14 @@ class LazyPipelineEditor:
     def loaded(self) -> bool:
         """Whether the model is already in memory."""
         return (self.model, self.cache_dir, self.device, self.dtype) in _PIPELINES
+
+    def load(self) -> None:
+        """Load the model now if it is not in memory yet (once per process)."""
+        if self.loaded:
+            return
+        started = time.perf_counter()
+        _pipeline_once(self.model, self.cache_dir, self.device, self.dtype)
+        logger.info("model %s loaded on %s in %.1f s", self.model, self.device, time.perf_counter() - started)
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         """Load the model if needed, then edit as ``PipelineEditor`` does."""

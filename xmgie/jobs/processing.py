@@ -14,7 +14,9 @@ recognised), the write of an edited image is retried in place with backoff for `
 caller passes a ``StorageDeferral`` (it then publishes the item again after ``ItemOutcome.retry_after_seconds``).
 
 Each transition runs in its own short transaction; the model runs outside any transaction, so the database is
-never locked while images are edited.
+never locked while images are edited. The editor's model is loaded before anything is claimed, and the claimed
+items' leases are renewed by a ``LeaseHeartbeat`` until their outcomes are recorded, so a lease only has to outlast
+a dead worker's silence, not the slowest edit; an item whose lease was lost meanwhile keeps the new holder's result.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from xmgie.editing.images import check_instruction, load_image, load_mask
 from xmgie.editing.options import EditOptions
 from xmgie.jobs import runs, transitions
 from xmgie.jobs.db import retry_while_unavailable
-from xmgie.jobs.editor import Editor, EditRequest, EditResult
+from xmgie.jobs.editor import Editor, EditRequest, EditResult, load_editor
 from xmgie.jobs.exceptions import LeaseLostError, NoSuchItemError
+from xmgie.jobs.leases import LeaseHeartbeat
 from xmgie.jobs.manifests import write_results_manifest
 from xmgie.jobs.models import Item, Job, utc_now
 from xmgie.jobs.settings import Settings
@@ -114,6 +117,8 @@ class _Claimed:
     request: EditRequest | None = None
     load_seconds: float = 0.0
     outcome: ItemOutcome | None = field(default=None)
+    lease_lost: bool = False
+    """Set by the lease heartbeat: another worker or the reconciler took the item while this one worked on it."""
 
 
 @contextmanager
@@ -166,6 +171,7 @@ def process_items(
     """
     outcomes: dict[uuid.UUID, ItemOutcome] = {}
     claimed: list[_Claimed] = []
+    load_editor(editor)
     for item_id in dict.fromkeys(item_ids):
         try:
             entry = _claim(session_factory, item_id, worker, settings)
@@ -177,27 +183,31 @@ def process_items(
         else:
             claimed.append(entry)
 
-    for entry in claimed:
-        started = time.perf_counter()
-        try:
-            entry.request = _load_request(entry, storage, settings)
-        except EditInputError as error:
-            entry.outcome = _fail(session_factory, entry, worker, settings, error.code, error.message, retry=False)
-        except StorageError as error:
-            if _may_defer(error, settings, storage_deferral):
-                assert storage_deferral is not None
-                entry.outcome = _defer(session_factory, entry, worker, settings, str(error), storage_deferral)
-            else:
-                entry.outcome = _fail(session_factory, entry, worker, settings, STORAGE_ERROR, str(error), retry=True)
-        except Exception as error:  # noqa: BLE001 - one item's surprise must not cost its neighbours
-            logger.exception("loading item %s failed", entry.id)
-            entry.outcome = _fail(session_factory, entry, worker, settings, INTERNAL_ERROR, _describe(error), True)
-        entry.load_seconds = time.perf_counter() - started
+    with _heartbeat(session_factory, claimed, worker, settings):
+        for entry in claimed:
+            started = time.perf_counter()
+            try:
+                entry.request = _load_request(entry, storage, settings)
+            except EditInputError as error:
+                entry.outcome = _fail(session_factory, entry, worker, settings, error.code, error.message, retry=False)
+            except StorageError as error:
+                if _may_defer(error, settings, storage_deferral):
+                    assert storage_deferral is not None
+                    entry.outcome = _defer(session_factory, entry, worker, settings, str(error), storage_deferral)
+                else:
+                    entry.outcome = _fail(
+                        session_factory, entry, worker, settings, STORAGE_ERROR, str(error), retry=True
+                    )
+            except Exception as error:  # noqa: BLE001 - one item's surprise must not cost its neighbours
+                logger.exception("loading item %s failed", entry.id)
+                entry.outcome = _fail(session_factory, entry, worker, settings, INTERNAL_ERROR, _describe(error), True)
+            entry.load_seconds = time.perf_counter() - started
 
-    ready = [entry for entry in claimed if entry.outcome is None]
-    ready = _drop_canceled(session_factory, ready, worker, settings)
-    if ready:
-        _edit_and_record(session_factory, storage, editor, ready, worker, settings)
+        ready = [entry for entry in claimed if entry.outcome is None]
+        ready = _drop_canceled(session_factory, ready, worker, settings)
+        ready = _drop_lost(ready)
+        if ready:
+            _edit_and_record(session_factory, storage, editor, ready, worker, settings)
 
     for entry in claimed:
         assert entry.outcome is not None
@@ -206,6 +216,38 @@ def process_items(
     if finished and on_jobs_finished is not None:
         on_jobs_finished(finished)
     return [outcomes[item_id] for item_id in item_ids]
+
+
+def _heartbeat(
+    session_factory: SessionFactory, claimed: list[_Claimed], worker: str, settings: Settings
+) -> LeaseHeartbeat:
+    """The heartbeat of the claimed items' leases; it marks an item whose lease was lost (unless already ended)."""
+    by_id = {entry.id: entry for entry in claimed}
+
+    def on_lost(item_id: uuid.UUID) -> None:
+        entry = by_id[item_id]
+        if entry.outcome is None:
+            entry.lease_lost = True
+
+    return LeaseHeartbeat(
+        session_factory=session_factory,
+        item_ids=list(by_id),
+        worker=worker,
+        lease_seconds=settings.lease_seconds,
+        on_lost=on_lost,
+    )
+
+
+def _drop_lost(entries: list[_Claimed]) -> list[_Claimed]:
+    """The entries whose lease is still held; the others are skipped (their new holder does them)."""
+    keep = []
+    for entry in entries:
+        if entry.lease_lost:
+            logger.warning("item %s: lease lost before the edit; left to its new holder", entry.id)
+            entry.outcome = ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
+        else:
+            keep.append(entry)
+    return keep
 
 
 def _claim(session_factory: SessionFactory, item_id: uuid.UUID, worker: str, settings: Settings) -> _Claimed | None:
@@ -429,7 +471,11 @@ def _record(
     worker: str,
     settings: Settings,
 ) -> ItemOutcome:
-    """Write the item's output (and mask) to their deterministic keys and mark it succeeded."""
+    """Write the item's output (and mask) to their deterministic keys and mark it succeeded; nothing is written when
+    the lease was lost during the edit (the new holder writes the same keys and records its own checksum)."""
+    if entry.lease_lost:
+        logger.warning("item %s: lease lost during the edit; its result is dropped", entry.id)
+        return ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
     try:
         key = output_key(entry.job_id, entry.index)
         sha256 = _put_retrying(session_factory, storage, entry, key, _png(result.image), worker, settings)
