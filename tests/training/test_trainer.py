@@ -24,7 +24,7 @@ from xmgie.training.objective import (
     num_image_tokens,
 )
 from xmgie.training.synth import write_synthetic_dataset
-from xmgie.training.trainer import TrainingConfig, latest_checkpoint, train
+from xmgie.training.trainer import StepSampler, TrainingConfig, latest_checkpoint, train
 
 RESOLUTION = 32
 
@@ -244,3 +244,16 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
     with pytest.raises(EditInputError) as missing:
         train(config(pairs, tmp_path / "x", model_cache, resume="latest"))
     assert missing.value.code == "checkpoint_not_found"
+
+
+def take(sampler: StepSampler, count: int) -> list[int]:
+    return [index for index, _ in zip(sampler, range(count), strict=False)]
+
+
+def test_processes_share_each_step_and_a_restart_reads_what_the_whole_run_would():
+    one = take(StepSampler(5, 2, seed=1, process=0, processes=1), 20)
+    assert sorted(one[:5]) == list(range(5)) and sorted(one[5:10]) == list(range(5)) and one[:5] != one[5:10]
+    first, second = take(StepSampler(5, 1, 1, 0, 2), 10), take(StepSampler(5, 1, 1, 1, 2), 10)
+    # Two processes of one sample each read, step by step, the two samples one process of two reads.
+    assert [index for pair in zip(first, second, strict=True) for index in pair] == one
+    assert take(StepSampler(5, 2, seed=1, process=0, processes=1, start_batch=3), 14) == one[6:]

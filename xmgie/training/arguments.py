@@ -91,7 +91,8 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config)
     last = result.history[-1] if result.history else {}
     losses = ", ".join(f"{name} {last[name]:.4f}" for name in ("instruction_loss", "edit_loss") if name in last)
-    print(f"trained {result.steps} steps ({losses}); model directory: {result.output_dir}")
+    if result.is_main_process:
+        print(f"trained {result.steps} steps ({losses}); model directory: {result.output_dir}")
     return 0
 
 

@@ -106,6 +106,7 @@ class TrainingResult:
     output_dir: Path
     steps: int
     history: list[dict[str, float]]
+    is_main_process: bool = True
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -342,7 +343,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainingResult(output_dir, step, history)
+    return TrainingResult(output_dir, step, history, accelerator.is_main_process)
 
 
 def _write_model(pipe, folder: Path) -> None:
