@@ -147,8 +147,7 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # The server logs the traceback once this handler has answered (Starlette re-raises the exception).
-        logger.error("internal error answering %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        logger.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "the server failed to answer this request; try again later")
 
     @app.exception_handler(BrokerUnavailableError)

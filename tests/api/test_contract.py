@@ -234,3 +234,15 @@ def test_jobs_stored_without_a_fingerprint_match_any_body(
     again = submit(client, auth, reference, count=4, idempotency_key="from-before")
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
     assert again.json()["item_count"] == 1
+
+
+def test_uploading_the_same_file_again_gives_the_same_reference_and_the_same_request(
+    client: TestClient, auth: dict[str, str], new_key: Callable[[], dict[str, str]]
+) -> None:
+    first = upload(client, auth)
+    assert upload(client, auth) == first
+    assert upload(client, auth, png_bytes(colour=(1, 2, 3))) != first
+    assert upload(client, new_key()) != first, "another tenant's copy is its own"
+    job = submit(client, auth, first, idempotency_key="rerun")
+    again = submit(client, auth, upload(client, auth), idempotency_key="rerun")
+    assert again.status_code == 200 and again.json()["id"] == job.json()["id"]

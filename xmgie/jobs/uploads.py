@@ -15,6 +15,7 @@ than allowed), ``image_too_large`` (more pixels than allowed), the codes of
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import uuid
@@ -95,8 +96,11 @@ def store_upload(
     max_pixels: int,
     path: str | None = None,
 ) -> StoredUpload:
-    """Check ``data`` (size, format, pixel count) and store it as a new upload of the tenant, or at ``path`` in the
+    """Check ``data`` (size, format, pixel count) and store it as an upload of the tenant, or at ``path`` in the
     tenant's data space (replacing what was there) when a path is given.
+
+    An upload's id derives from the tenant and the bytes, so the same file uploaded again gets the same reference:
+    a client that uploads its inputs again and resubmits with the same idempotency key sends the same body.
     """
     check_upload_size(len(data), max_bytes=max_bytes)
     if path is not None:
@@ -105,7 +109,7 @@ def store_upload(
         except InvalidKeyError as error:
             raise EditInputError("invalid_path", f"path {path!r} is not a safe relative path: {error}") from None
     image_format, width, height = inspect_image(data, max_pixels=max_pixels)
-    upload_id = uuid.uuid4()
+    upload_id = uuid.uuid5(tenant_id, hashlib.sha256(data).hexdigest())
     if path is None:
         suffix = _SUFFIXES.get(image_format, f".{image_format.lower()}")
         key = upload_key(tenant_id, upload_id, suffix)
