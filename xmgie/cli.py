@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE)
     edit.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side the model works at")
     edit.add_argument("--save-mask", type=Path, help="write the mask used (the user's or the automatic one) here")
+    edit.add_argument(
+        "--offload",
+        choices=["none", "model", "mllm"],
+        default=os.environ.get("XMGIE_OFFLOAD", "none"),
+        help="weights on the CPU between stages: model (each component), mllm (the MLLM only); env XMGIE_OFFLOAD",
+    )
     extensions = edit.add_argument_group("extensions")
     for name, what in (
         ("pfb", "progressive feature blending"),
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = model_commands.add_parser("info", help="describe a model directory (or 'tiny')")
     info.add_argument("model")
     info.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    info.add_argument(
+        "--dtype", default="float16", choices=list(DTYPES), help="dtype of the reported weight bytes (default float16)"
+    )
     convert = model_commands.add_parser("convert-mgie", help="convert the released MGIE files into a model directory")
     convert.add_argument("--llava", type=Path, required=True, help="LLaVA-7B v1 directory")
     convert.add_argument("--clip", type=Path, required=True, help="CLIP ViT-L/14 directory (the vision tower)")
@@ -267,7 +276,13 @@ def _load(args: argparse.Namespace):
     from xmgie.loading.directory import load_pipeline
 
     device = None if args.device == "auto" else args.device
-    return load_pipeline(args.model, cache_dir=args.cache_dir, device=device, dtype=_torch_dtype(args.dtype))
+    return load_pipeline(
+        args.model,
+        cache_dir=args.cache_dir,
+        device=device,
+        dtype=_torch_dtype(args.dtype),
+        offload=getattr(args, "offload", "none"),
+    )
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -357,7 +372,7 @@ def run_model(args: argparse.Namespace) -> int:
     elif args.model_command == "info":
         from xmgie.loading.directory import model_info
 
-        print(json.dumps(model_info(args.model, args.cache_dir), indent=2))
+        print(json.dumps(model_info(args.model, args.cache_dir, dtype=_torch_dtype(args.dtype)), indent=2))
     else:
         from xmgie.loading.convert_mgie import convert_mgie
 

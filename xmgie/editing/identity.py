@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -136,6 +137,9 @@ class IdentityAdapter(ModelMixin, ConfigMixin):
                     f"the adapter's maps {self.config.cross_attention_dim} → {size}"
                 )
 
+    # Both methods run the offload hook of ``enable_model_cpu_offload`` (which wraps only ``forward``), so the
+    # adapter is on the execution device whenever the pipeline or the attention processors call them.
+    @apply_forward_hook
     def tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Project ``(B, image_embed_dim)`` image embeddings to ``(B, num_tokens, cross_attention_dim)`` tokens."""
         if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.image_embed_dim:
@@ -157,6 +161,7 @@ class IdentityAdapter(ModelMixin, ConfigMixin):
         except KeyError:
             raise KeyError(f"{processor_name!r} is not one of the adapter's cross-attention layers") from None
 
+    @apply_forward_hook
     def key_value(self, layer_name: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(B, num_tokens, layer_hidden_size)`` of the identity tokens for one layer."""
         layer = self.layers[self.layer_index(layer_name)]

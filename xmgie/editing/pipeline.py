@@ -82,9 +82,16 @@ class XMGIEPipeline(DiffusionPipeline):
         identity_adapter ([`IdentityAdapter`], optional): IP-Adapter-style identity projections (IE).
     """
 
-    model_cpu_offload_seq = "mllm->edit_head->image_encoder->unet->vae"
+    model_cpu_offload_seq = "mllm->edit_head->image_encoder->identity_adapter->unet->vae"
     _optional_components = ["image_encoder", "identity_adapter"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "image_latents"]
+
+    vae_slice_size: int = 1
+    """Items per VAE encode/decode call: a group of large images never goes through the VAE at once."""
+    vae_tile_above: int = 1024
+    """Long side in pixels above which the VAE encodes and decodes in overlapping tiles of
+    ``vae.tile_sample_min_size`` pixels (diffusers' tiled VAE); at or below it, in one piece."""
+    _mllm_offload_device: torch.device | None = None
 
     def __init__(
         self,
@@ -112,6 +119,48 @@ class XMGIEPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ offload
+
+    def enable_mllm_offload(self, device: torch.device | str = "cuda") -> None:
+        """Keep every component but the MLLM on ``device``; the MLLM waits on the CPU and visits ``device``
+        only for the instruction stage. Cheaper than model offload (the diffusion components never move) while
+        the MLLM's weights are off the accelerator during diffusion."""
+        if getattr(self, "_all_hooks", None):
+            raise ValueError("model CPU offload is enabled on this pipeline; use one offload mode, not both")
+        device = torch.device(device)
+        for name, component in self.components.items():
+            if isinstance(component, torch.nn.Module) and name != "mllm":
+                component.to(device)
+        self.mllm.to("cpu")
+        self._mllm_offload_device = device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        if self._mllm_offload_device is not None:
+            return self._mllm_offload_device
+        return super()._execution_device
+
+    @contextmanager
+    def _mllm_on_device(self):
+        """The MLLM on the execution device for the instruction stage, whatever the offload mode.
+
+        ``generate`` builds its token tensors on the device the MLLM's weights are on, so under model offload
+        the MLLM is loaded through its offload hook before ``generate`` starts rather than at its first forward.
+        """
+        if self._mllm_offload_device is not None:
+            self.mllm.to(self._mllm_offload_device)
+            try:
+                yield
+            finally:
+                self.mllm.to("cpu")
+                if self._mllm_offload_device.type == "cuda":
+                    torch.cuda.empty_cache()
+            return
+        hook = getattr(self.mllm, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.mllm)
+        yield
 
     # ------------------------------------------------------------------ helpers
 
@@ -182,7 +231,7 @@ class XMGIEPipeline(DiffusionPipeline):
         peak_memory: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Expressive instructions and UNet conditioning for the batch, plus the null conditioning."""
-        with self._timed(timings, "mllm", peak_memory):
+        with self._timed(timings, "mllm", peak_memory), self._mllm_on_device():
             mllm_out = generate_expressive_instructions(
                 self.mllm, self.tokenizer, self.feature_extractor, images, instructions, max_new_tokens=max_new_tokens
             )
@@ -192,11 +241,27 @@ class XMGIEPipeline(DiffusionPipeline):
             negative_prompt_embeds = self.edit_head.null_conditioning(len(images))
         return prompt_embeds, negative_prompt_embeds, mllm_out.expressive_instructions
 
+    @contextmanager
+    def _vae_tiling(self, side: int):
+        """Tiled VAE calls inside the block when ``side`` (pixels) is above ``vae_tile_above``."""
+        was_tiling = self.vae.use_tiling
+        if side > self.vae_tile_above:
+            self.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            self.vae.use_tiling = was_tiling
+
     @torch.no_grad()
     def prepare_image_latents(self, image: torch.Tensor) -> torch.Tensor:
-        """Source-image latents as InstructPix2Pix uses them: the VAE posterior mode, unscaled."""
+        """Source-image latents as InstructPix2Pix uses them: the VAE posterior mode, unscaled.
+
+        Encoded ``vae_slice_size`` items at a time, tiled above ``vae_tile_above`` pixels.
+        """
         image = image.to(device=self._execution_device, dtype=self.vae.dtype)
-        return self.vae.encode(image).latent_dist.mode()
+        with self._vae_tiling(max(image.shape[-2:])):
+            latents = [self.vae.encode(chunk).latent_dist.mode() for chunk in image.split(self.vae_slice_size)]
+        return torch.cat(latents)
 
     def prepare_latents(
         self, batch_size: int, height: int, width: int, dtype: torch.dtype, generator: GeneratorInput
@@ -404,9 +469,15 @@ class XMGIEPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
-        """VAE-decode latents to PIL images at the working size."""
-        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type="pil")
+        """VAE-decode latents to PIL images at the working size, ``vae_slice_size`` items at a time (tiled above
+        ``vae_tile_above`` pixels)."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images: list[PIL.Image.Image] = []
+        with self._vae_tiling(max(latents.shape[-2:]) * self.vae_scale_factor):
+            for chunk in latents.split(self.vae_slice_size):
+                decoded = self.vae.decode(chunk, return_dict=False)[0]
+                images.extend(self.image_processor.postprocess(decoded, output_type="pil"))
+        return images
 
     # ------------------------------------------------------------------ call
 

@@ -175,13 +175,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XMGIE_CACHE_DIR", Path.home() / ".cache" / "xmgie")).expanduser()
 
 
-_PIPELINES: dict[tuple[str, str, str, str], XMGIEPipeline] = {}
+_PIPELINES: dict[tuple[str, str, str, str, str], XMGIEPipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
 
 
-def _pipeline_once(model: str, cache_dir: str, device: str, dtype: str) -> XMGIEPipeline:
+def _pipeline_once(model: str, cache_dir: str, device: str, dtype: str, offload: str) -> XMGIEPipeline:
     """The pipeline for these settings, loaded on the first call in this process and kept."""
-    key = (model, cache_dir, device, dtype)
+    key = (model, cache_dir, device, dtype, offload)
     with _PIPELINES_LOCK:
         pipe = _PIPELINES.get(key)
         if pipe is None:
@@ -189,7 +189,9 @@ def _pipeline_once(model: str, cache_dir: str, device: str, dtype: str) -> XMGIE
 
             from xmgie.loading.directory import load_pipeline
 
-            pipe = load_pipeline(model, cache_dir=cache_dir, device=device, dtype=getattr(torch, dtype))
+            pipe = load_pipeline(
+                model, cache_dir=cache_dir, device=device, dtype=getattr(torch, dtype), offload=offload
+            )
             _PIPELINES[key] = pipe
         return pipe
 
@@ -197,16 +199,19 @@ def _pipeline_once(model: str, cache_dir: str, device: str, dtype: str) -> XMGIE
 class LazyPipelineEditor:
     """A ``PipelineEditor`` whose model is loaded on the first ``edit`` (and shared by the whole process)."""
 
-    def __init__(self, model: str, cache_dir: str | os.PathLike[str], device: str, dtype: str) -> None:
+    def __init__(
+        self, model: str, cache_dir: str | os.PathLike[str], device: str, dtype: str, offload: str = "none"
+    ) -> None:
         self.model = model
         self.cache_dir = str(cache_dir)
         self.device = device
         self.dtype = dtype
+        self.offload = offload
 
     @property
     def loaded(self) -> bool:
         """Whether the model is already in memory."""
-        return (self.model, self.cache_dir, self.device, self.dtype) in _PIPELINES
+        return (self.model, self.cache_dir, self.device, self.dtype, self.offload) in _PIPELINES
 
     def load(self) -> None:
         """Load the model now if it is not in memory yet (once per process)."""
@@ -218,11 +223,11 @@ class LazyPipelineEditor:
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
         """Load the model if needed, then edit as ``PipelineEditor`` does."""
-        pipe = _pipeline_once(self.model, self.cache_dir, self.device, self.dtype)
+        pipe = _pipeline_once(self.model, self.cache_dir, self.device, self.dtype, self.offload)
         return PipelineEditor(pipe).edit(requests)
 
 
 def lazy_pipeline_editor(settings: Settings) -> LazyPipelineEditor:
-    """An editor for the settings' model, device and dtype; nothing is loaded until it edits."""
+    """An editor for the settings' model, device, dtype and offload mode; nothing is loaded until it edits."""
     cache_dir = settings.model_cache_dir or default_cache_dir()
-    return LazyPipelineEditor(settings.model, cache_dir, settings.device, settings.dtype)
+    return LazyPipelineEditor(settings.model, cache_dir, settings.device, settings.dtype, settings.offload)

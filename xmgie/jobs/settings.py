@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    offload: Literal["none", "model", "mllm"] = "none"
+    """Where the weights wait between stages on an accelerator: ``none`` (all on the device), ``model`` (every
+    component on the CPU until its stage, diffusers' model CPU offload) or ``mllm`` (the MLLM on the CPU but for
+    the instruction stage, the diffusion components on the device). A no-op on the CPU."""
 
     # Limits.
     max_items_per_job: int = Field(default=10_000, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,14 @@ import torch
 from xmgie.editing.pipeline import XMGIEPipeline
 from xmgie.loading.tiny import ensure_tiny
 
+logger = logging.getLogger(__name__)
+
 TINY = "tiny"
+OFFLOAD_MODES = ("none", "model", "mllm")
+"""``none``: every component on the device; ``model``: diffusers' model CPU offload (each component visits the
+device for its stage); ``mllm``: the MLLM visits the device for the instruction stage, the rest stays there."""
 COMPONENTS = ("mllm", "tokenizer", "feature_extractor", "edit_head", "unet", "vae", "scheduler")
+OPTIONAL_COMPONENTS = ("image_encoder", "identity_adapter")
 
 
 class ModelDirectoryError(ValueError):
@@ -54,28 +61,74 @@ def load_pipeline(
     cache_dir: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    offload: str = "none",
 ) -> XMGIEPipeline:
-    """Load a pipeline from a model directory or the ``tiny`` preset, offline, onto ``device`` in ``dtype``."""
+    """Load a pipeline from a model directory or the ``tiny`` preset, offline, onto ``device`` in ``dtype``.
+
+    ``offload`` (one of :data:`OFFLOAD_MODES`) keeps weights on the CPU while their stage is not running; the
+    weights load on the CPU and only what the mode keeps resident moves to ``device``, so a card smaller than the
+    whole model can load it. On the CPU every mode is the same (nothing to offload to).
+    """
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     path = resolve_model_dir(model, cache_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     pipe = XMGIEPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    if offload == "none" or device.type == "cpu":
+        if offload != "none":
+            logger.info("offload=%s has no effect on the CPU: the whole model is already there", offload)
+        return pipe.to(device)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_mllm_offload(device)
+    return pipe
 
 
-def model_info(model: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """A summary of a model directory: components, classes, parameter counts and the key shapes."""
+def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``module``'s parameters and buffers with floating-point tensors in ``dtype`` (default: as they are).
+
+    Integer and boolean buffers keep their own width, as ``module.to(dtype)`` leaves them; tensors shared between
+    submodules (tied embeddings) count once. Works on the meta device: only shapes are read.
+    """
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        width = dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size()
+        total += tensor.numel() * width
+    return total
+
+
+def component_bytes(pipe: XMGIEPipeline, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Weight bytes of each of ``pipe``'s model components (those with weights) in ``dtype``."""
+    return {
+        name: module_bytes(component, dtype)
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+    }
+
+
+def model_info(
+    model: str | os.PathLike, cache_dir: str | os.PathLike, dtype: torch.dtype = torch.float16
+) -> dict[str, Any]:
+    """A summary of a model directory: components, classes, parameter counts, the bytes each component's weights
+    need in ``dtype`` and their total, and the key shapes."""
     path = resolve_model_dir(model, cache_dir)
     index = json.loads((path / "model_index.json").read_text())
-    pipe = XMGIEPipeline.from_pretrained(path, local_files_only=True)
-    info: dict[str, Any] = {"path": str(path), "components": {}}
-    for name in COMPONENTS:
-        component = getattr(pipe, name)
+    pipe = XMGIEPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    info: dict[str, Any] = {"path": str(path), "dtype": str(dtype).removeprefix("torch."), "components": {}}
+    sizes = component_bytes(pipe, dtype)
+    for name in COMPONENTS + OPTIONAL_COMPONENTS:
+        component = getattr(pipe, name, None)
+        if component is None:
+            continue
         entry: dict[str, Any] = {"class": index[name][1]}
         if isinstance(component, torch.nn.Module):
             entry["parameters"] = sum(p.numel() for p in component.parameters())
+            entry["bytes"] = sizes[name]
         info["components"][name] = entry
+    info["total_bytes"] = sum(sizes.values())
     text = pipe.mllm.config.text_config
     info["mllm_hidden_size"] = text.hidden_size
     info["vocab_size"] = len(pipe.tokenizer)
