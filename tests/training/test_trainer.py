@@ -236,7 +236,7 @@ def test_the_command_trains_in_bf16_and_the_directory_edits(pairs, tiny_dir, mod
     assert load_image(tmp_path / "edit.png").size == load_image(source).size
 
 
-def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tmp_path):
+def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tmp_path, capsys):
     from xmgie.editing.errors import EditInputError
 
     with pytest.raises(EditInputError, match="--train: unknown component"):
@@ -244,6 +244,16 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
     with pytest.raises(EditInputError) as missing:
         train(config(pairs, tmp_path / "x", model_cache, resume="latest"))
     assert missing.value.code == "checkpoint_not_found"
+    # A bad row stops the command before the model is loaded, with exit status 2 and the row's line.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metadata.jsonl").write_text('{"source_file": "a.png"}\n')
+    assert (
+        main(["train", "--data", str(tmp_path / "bad"), "--output-dir", str(tmp_path / "y"), "--model", "nowhere"])
+        == 2
+    )
+    error = capsys.readouterr().err
+    assert "invalid_metadata_row" in error and "metadata.jsonl line 1:" in error
+    assert not (tmp_path / "y").exists()
 
 
 def take(sampler: StepSampler, count: int) -> list[int]:

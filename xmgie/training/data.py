@@ -143,12 +143,12 @@ class PairedEditDataset(Dataset):
     processor), ``instruction``, ``expressive_instruction`` and ``index``.
     """
 
-    def __init__(self, folder: str | os.PathLike, resolution: int) -> None:
+    def __init__(self, folder: str | os.PathLike, resolution: int, pairs: list[EditPair] | None = None) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.folder = Path(folder)
         self.resolution = resolution
-        self.pairs = read_pairs(self.folder)
+        self.pairs = pairs if pairs is not None else read_pairs(self.folder)
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from xmgie.editing.errors import EditInputError
-from xmgie.training.data import PairedEditDataset, collate_pairs
+from xmgie.training.data import PairedEditDataset, collate_pairs, read_pairs
 from xmgie.training.objective import MGIEObjective, StepNoise, build_teacher_forcing_batch, num_image_tokens
 
 TRAINABLE_COMPONENTS = ("unet", "edit_head", "mllm", "mllm_embeddings", "vision_tower")
@@ -203,6 +203,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
     # 1. Check options and data before anything heavy
     config.check()
     resume_from = resolve_resume(config)
+    pairs = read_pairs(config.data)
     accelerator = Accelerator(
         mixed_precision=PRECISIONS[config.precision],
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -217,7 +218,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
     resolution = config.resolution or pipe.unet.config.sample_size * vae_factor
     if resolution % vae_factor:
         raise EditInputError("invalid_option", f"--resolution must be a multiple of the VAE factor {vae_factor}")
-    dataset = PairedEditDataset(config.data, resolution)
+    dataset = PairedEditDataset(config.data, resolution, pairs)
     parameters = set_trainable(pipe, config.train)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     objective = MGIEObjective(pipe.mllm, pipe.edit_head, pipe.unet, pipe.vae, noise_scheduler)
