@@ -280,39 +280,43 @@ class PostgresCluster:
 
 
 @contextlib.contextmanager
-def postgres_cluster(tmp_dir: Path) -> Iterator[PostgresCluster]:
-    """A fresh PostgreSQL cluster under ``tmp_dir`` (skips the test when no PostgreSQL binaries are installed)."""
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A fresh PostgreSQL cluster in a temporary folder of its own (skips the test when no PostgreSQL binaries are
+    installed); the folder is removed afterwards."""
+    import shutil
+    import tempfile
+
     found = sorted(Path("/").glob(POSTGRES_BIN_GLOB.lstrip("/")))
     if not found or (os.geteuid() == 0 and not _user_exists("postgres")):
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) or postgres user on this machine")
     bin_dir = found[-1]
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = tmp_dir / "pgdata"
+    # Directly under /tmp, not under pytest's folder: the server runs as postgres, and pytest makes its own
+    # folder private again whenever another session starts.
+    tmp_dir = Path(tempfile.mkdtemp(prefix="xmgie-postgres-"))
     if os.geteuid() == 0:
-        # The server runs as postgres: its folder (and the way to it) must be open to that user.
-        os.chmod(tmp_dir, 0o777)
-        for parent in tmp_dir.parents:
-            if parent == Path("/"):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    subprocess.run(
-        _as_postgres_user([str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", "postgres"]),
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    cluster = PostgresCluster(bin_dir, data_dir, free_port())
-    with (data_dir / "postgresql.conf").open("a") as conf:
-        conf.write(
-            f"port = {cluster.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{tmp_dir}'\n"
-            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
-        )
-    cluster.start()
+        shutil.chown(tmp_dir, "postgres", "postgres")
+    data_dir = tmp_dir / "pgdata"
     try:
-        yield cluster
+        subprocess.run(
+            _as_postgres_user([str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", "postgres"]),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        cluster = PostgresCluster(bin_dir, data_dir, free_port())
+        with (data_dir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {cluster.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{tmp_dir}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
+            )
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            with contextlib.suppress(subprocess.SubprocessError):
+                cluster._pg_ctl("stop", "-m", "immediate")
     finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            cluster._pg_ctl("stop", "-m", "immediate")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _user_exists(name: str) -> bool:
