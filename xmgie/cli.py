@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         extensions.add_argument(f"--no-{name}", action="store_true", help=f"switch off {what}")
     extensions.add_argument("--pfb-fraction", type=float, default=0.5, help="leading fraction of latent blending")
-    extensions.add_argument("--pfb-reference", choices=["noise", "inversion"], default="noise")
+    extensions.add_argument("--pfb-reference", choices=["noise", "inversion", "inversion_start"], default="noise")
     extensions.add_argument("--cam-mode", choices=["hard", "soft"], default="hard")
     extensions.add_argument("--ie-scale", type=float, default=0.3)
     extensions.add_argument("--ie-reference", choices=["source", "outside_mask", "image"], default="source")
@@ -287,8 +287,6 @@ def _load(args: argparse.Namespace):
 
 def run_edit(args: argparse.Namespace) -> int:
     """``xmgie edit``: one edit, printing the expressive instruction and the stage timings."""
-    import torch
-
     from xmgie.editing.images import check_instruction, load_image, load_mask
     from xmgie.editing.options import EditOptions
 
@@ -334,7 +332,7 @@ def run_edit(args: argparse.Namespace) -> int:
         gb=options.gb,
         auto_mask=options.auto_mask,
         identity_image=identity_image,
-        generator=torch.Generator().manual_seed(seed),
+        generator=pipe.seeded_generators([seed]),
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(args.output)

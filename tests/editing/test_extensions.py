@@ -352,3 +352,163 @@ def test_identity_reference_image_is_used_and_required(tiny_pipe):
         **base,
     )
     assert not np.array_equal(np.asarray(other.images[0]), own)
+
+
+def test_cam_without_guidance_gives_the_outside_the_null_conditioning(tiny_pipe, conditioning):
+    # With guidance_scale 1 there is one branch; where the mask is empty CAM must act as the null conditioning,
+    # so a mask with no edit region gives exactly the denoising conditioned on the null conditioning.
+    image, latents, prompt, negative = conditioning
+    empty = torch.zeros(1, 1, *latents.shape[-2:])
+    common = dict(num_inference_steps=3, guidance_scale=1.0)
+    with torch.no_grad():
+        masked = tiny_pipe.denoise(
+            latents,
+            prompt,
+            negative,
+            edit_masks=empty,
+            cam=CAMOptions(),
+            generator=torch.Generator().manual_seed(4),
+            **common,
+        )
+        null = tiny_pipe.denoise(latents, negative, negative, generator=torch.Generator().manual_seed(4), **common)
+        edit = tiny_pipe.denoise(latents, prompt, negative, generator=torch.Generator().manual_seed(4), **common)
+    torch.testing.assert_close(masked, null, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edit, null, atol=1e-3)
+
+
+def test_latents_stay_float32_between_steps_with_a_bfloat16_unet(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    bf16 = XMGIEPipeline(**{**tiny_pipe.components, "unet": copy.deepcopy(tiny_pipe.unet).to(torch.bfloat16)})
+    seen = []
+
+    def record(pipe, step, timestep, kwargs):
+        seen.append(kwargs["latents"].dtype)
+        return {}
+
+    edit_masks = mask_to_tensor(box_mask())[None]
+    results = {}
+    for name, pipe in (("float32", tiny_pipe), ("bfloat16", bf16)):
+        with torch.no_grad():
+            results[name] = pipe.denoise(
+                latents,
+                prompt,
+                negative,
+                num_inference_steps=4,
+                edit_masks=edit_masks,
+                pfb=PFBOptions(),
+                cam=CAMOptions(),
+                generator=torch.Generator().manual_seed(7),
+                callback_on_step_end=record if pipe is bf16 else None,
+            )
+    assert seen == [torch.float32] * 4
+    assert results["bfloat16"].dtype == torch.float32
+    scale = results["float32"].abs().max()
+    assert (results["bfloat16"] - results["float32"]).abs().max() <= 0.05 * scale
+
+
+def blended_run(pipe, conditioning, pfb: PFBOptions, latent_side: int = 64):
+    """One denoising step on a ``latent_side``² latent (64: a 512-pixel image); what PFB blended, and where."""
+    _, _, prompt, negative = conditioning
+    image_latents = torch.randn(1, 4, latent_side, latent_side, generator=torch.Generator().manual_seed(0))
+    edit_masks = torch.zeros(1, 1, latent_side, latent_side)
+    edit_masks[..., latent_side // 4 : latent_side // 2, latent_side // 4 : latent_side // 2] = 1
+    rows = {}
+
+    def count_rows(name):
+        def hook(module, inputs, output):
+            rows.setdefault(name, output.shape[0])
+
+        return hook
+
+    hooks = [
+        pipe.unet.up_blocks[1].upsamplers[0].register_forward_hook(count_rows("up_blocks.1.upsamplers.0")),
+        pipe.unet.up_blocks[2].register_forward_hook(count_rows("up_blocks.2")),
+    ]
+    try:
+        with torch.no_grad():
+            pipe.denoise(
+                image_latents,
+                prompt,
+                negative,
+                num_inference_steps=1,
+                edit_masks=edit_masks,
+                pfb=pfb,
+                generator=torch.Generator().manual_seed(0),
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return pipe.pfb_blended_sizes, rows
+
+
+def test_pfb_blends_the_encoder_middle_and_decoder_at_1_4_and_1_8_of_the_latent(tiny_pipe, conditioning):
+    sizes, rows = blended_run(tiny_pipe, conditioning, PFBOptions())
+    # 512-pixel image: 64×64 latent; the default levels are its 16×16 and 8×8 resolutions, as documented.
+    assert set(sizes.values()) == {(16, 16), (8, 8)}
+    assert {name.rsplit(".", 2)[0] for name in sizes} == {
+        "down_blocks.2",
+        "down_blocks.3",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+    }
+    assert sizes["down_blocks.2.attentions.0"] == (16, 16) and sizes["up_blocks.1.attentions.0"] == (16, 16)
+    assert sizes["mid_block"] == sizes["up_blocks.0.resnets.0"] == (8, 8)
+    # The reference rows (one of four) are dropped before the last blended level's upsampler.
+    assert rows == {"up_blocks.1.upsamplers.0": 3, "up_blocks.2": 3}
+
+    sizes, _ = blended_run(tiny_pipe, conditioning, PFBOptions(levels=("1/2",)))
+    assert set(sizes.values()) == {(32, 32)}
+    # Whole blocks: an up block's output comes after its upsampler.
+    sizes, _ = blended_run(tiny_pipe, conditioning, PFBOptions(blocks=("mid_block", "up_blocks.0", "up_blocks.1")))
+    assert sizes == {"mid_block": (8, 8), "up_blocks.0": (16, 16), "up_blocks.1": (32, 32)}
+
+
+def test_inversion_start_samples_from_the_inverted_latent(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    edit_masks = mask_to_tensor(box_mask())[None]
+
+    def denoise(reference, **kwargs):
+        with torch.no_grad():
+            return tiny_pipe.denoise(
+                latents,
+                prompt,
+                negative,
+                num_inference_steps=3,
+                edit_masks=edit_masks,
+                pfb=PFBOptions(reference=reference),
+                generator=torch.Generator().manual_seed(3),
+                **kwargs,
+            )
+
+    started = denoise("inversion_start")
+    inverted = tiny_pipe.reference_latents[0]
+    assert torch.equal(started, denoise("inversion", latents=inverted.clone()))
+    assert not torch.allclose(started, denoise("inversion"), atol=1e-3)
+
+
+def test_gb_feather_scales_with_the_input_size_and_is_computed_once(tiny_pipe, monkeypatch):
+    from xmgie.editing import pipeline as pipeline_module
+    from xmgie.editing.options import GBOptions
+
+    working = (64, 64)
+    bands, working_masks = {}, {}
+    for side in (256, 512):
+        mask = Image.new("L", (side, side), 0)
+        mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+        at_working, at_input = tiny_pipe.soft_masks([mask], working, GBOptions())
+        row = at_input[0][side // 2]
+        bands[side] = int(((row > 0.01) & (row < 0.99)).sum())
+        working_masks[side] = at_working
+    # Twice the input size, twice the feather in input pixels: the same share of the picture.
+    assert bands[256] >= 20
+    assert abs(bands[512] - 2 * bands[256]) <= 4
+    torch.testing.assert_close(working_masks[256], working_masks[512], atol=0.02, rtol=0)
+
+    calls = []
+    soften = pipeline_module.soften_mask
+    monkeypatch.setattr(pipeline_module, "soften_mask", lambda *a, **k: calls.append(1) or soften(*a, **k))
+    image = gradient_image(256, 192)
+    mask = box_mask((256, 192), (80, 48, 192, 144))
+    run(tiny_pipe, image, mask=mask, steps=2, ie=False, max_side=128)
+    assert len(calls) == 1

@@ -46,3 +46,15 @@ def test_unknown_option_is_refused_not_ignored():
 def test_batch_key_separates_incompatible_items():
     assert EditOptions(seed=1).batch_key() == EditOptions(seed=2).batch_key()
     assert EditOptions(num_inference_steps=10).batch_key() != EditOptions(num_inference_steps=20).batch_key()
+
+
+def test_pfb_levels_name_resolutions_and_exclude_blocks():
+    assert EditOptions().pfb.levels == ("1/4", "1/8", "mid")
+    assert EditOptions.from_dict({"pfb": {"levels": [0.25, "1/8", "1/8"]}}).pfb.levels == ("1/4", "1/8")
+    legacy = EditOptions.from_dict({"pfb": {"blocks": ["mid_block", "up_blocks.1"]}}).pfb
+    assert (legacy.blocks, legacy.levels) == (("mid_block", "up_blocks.1"), ())
+    assert EditOptions.from_dict(EditOptions(pfb=legacy).to_dict()).pfb == legacy
+    for bad in ({"levels": ["1/3"]}, {"levels": "1/4"}, {"levels": ["1/4"], "blocks": ["mid_block"]}):
+        with pytest.raises(EditInputError, match="pfb.levels") as error:
+            EditOptions.from_dict({"pfb": bad})
+        assert error.value.code == "invalid_option"

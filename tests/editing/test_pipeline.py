@@ -179,3 +179,20 @@ def test_bad_batches_are_refused_with_a_clear_error(tiny_pipe):
     assert error.value.code == "mask_size_mismatch"
     with pytest.raises(ValueError, match="mode 'RGBA'"):
         tiny_pipe(image.convert("RGBA"), "x")
+
+
+def test_seeded_generators_are_on_the_execution_device_and_seeded(tiny_pipe):
+    generators = tiny_pipe.seeded_generators([3, 11])
+    assert [g.device for g in generators] == [tiny_pipe._execution_device] * 2
+    assert [g.initial_seed() for g in generators] == [3, 11]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_generators_draw_on_cuda_when_the_pipeline_runs_there(tiny_pipe):
+    import copy
+
+    pipe = copy.deepcopy(tiny_pipe).to("cuda")
+    (generator,) = pipe.seeded_generators([5])
+    assert generator.device.type == "cuda"
+    out = pipe(gradient_image(64, 64), "add a hat", num_inference_steps=2, generator=generator, output_type="latent")
+    assert out.images[0].device.type == "cuda"

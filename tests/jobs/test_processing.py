@@ -16,6 +16,7 @@ from sqlalchemy import Engine, select
 
 from tests.conftest import gradient_image
 from xmgie.editing.options import EditOptions
+from xmgie.editing.pipeline import XMGIEPipeline
 from xmgie.jobs import transitions
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import EditRequest, EditResult, PipelineEditor
@@ -268,16 +269,22 @@ def test_the_results_manifest_is_written_when_the_job_ends(session_factory, stor
 def test_pipeline_editor_groups_by_batch_key_with_one_seeded_generator_per_item():
     calls = []
 
-    def pipe(images, instructions, **kwargs):
-        calls.append((instructions, kwargs))
-        return SimpleNamespace(
-            images=[image.copy() for image in images],
-            expressive_instructions=[f"x {text}" for text in instructions],
-            masks=[None] * len(images),
-            timings={"diffusion": 0.1},
-            identity_scores=[0.9] * len(images),
-            preservation=[None] * len(images),
-        )
+    class Pipe:
+        """Records each call; makes its generators as the pipeline does."""
+
+        _execution_device = torch.device("cpu")
+        seeded_generators = XMGIEPipeline.seeded_generators
+
+        def __call__(self, images, instructions, **kwargs):
+            calls.append((instructions, kwargs))
+            return SimpleNamespace(
+                images=[image.copy() for image in images],
+                expressive_instructions=[f"x {text}" for text in instructions],
+                masks=[None] * len(images),
+                timings={"diffusion": 0.1},
+                identity_scores=[0.9] * len(images),
+                preservation=[None] * len(images),
+            )
 
     fast, slow = EditOptions(num_inference_steps=2), EditOptions(num_inference_steps=3, pfb=False)
     requests = [
@@ -285,7 +292,7 @@ def test_pipeline_editor_groups_by_batch_key_with_one_seeded_generator_per_item(
         for n, options in enumerate([fast, slow, fast])
     ]
 
-    results = PipelineEditor(pipe).edit(requests)
+    results = PipelineEditor(Pipe()).edit(requests)
 
     assert [call[0] for call in calls] == [["i0", "i2"], ["i1"]]
     first, second = calls[0][1], calls[1][1]

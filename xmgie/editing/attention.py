@@ -34,6 +34,8 @@ class CrossAttentionControl:
         num_branches: guidance branches before the reference branch (3 with guidance, else 1).
         edit_masks: per sequence length ``h·w``, the (B, h·w) edit mask at that resolution (CAM); ``None``
             disables CAM.
+        null_conditioning: (B, tokens, dim) the null conditioning that CAM falls back to outside the mask when
+            there is a single branch (no classifier-free guidance, so no branch of the batch carries it).
         identity_adapter: the adapter with per-layer identity projections; ``None`` disables IE.
         identity_tokens: (rows, tokens, dim) identity tokens for every row of the UNet batch.
         identity_scale: weight of the identity branch.
@@ -47,6 +49,7 @@ class CrossAttentionControl:
     batch_size: int = 1
     num_branches: int = 3
     edit_masks: dict[int, torch.Tensor] | None = None
+    null_conditioning: torch.Tensor | None = None
     identity_adapter: torch.nn.Module | None = None
     identity_tokens: torch.Tensor | None = None
     identity_scale: float = 0.0
@@ -154,12 +157,15 @@ class EditCrossAttnProcessor:
         if control.edit_masks is not None:
             mask = control.edit_masks[length].to(query.device, query.dtype)
             # Rows of the image branch hold the null conditioning that the edit branch's rows fall back to.
-            null_rows = slice(rows, 2 * rows) if control.num_branches > 1 else None
             q_edit = query[:rows]
-            if null_rows is not None:
-                null_out = F.scaled_dot_product_attention(q_edit, key[null_rows], value[null_rows])
+            if control.num_branches > 1:
+                null_key, null_value = key[rows : 2 * rows], value[rows : 2 * rows]
+            elif control.null_conditioning is not None:
+                null = control.null_conditioning.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+                null_key, null_value = _heads(attn, attn.to_k(null)), _heads(attn, attn.to_v(null))
             else:
-                null_out = torch.zeros_like(out[:rows])
+                raise ValueError(f"{self.name}: CAM with a single branch needs control.null_conditioning")
+            null_out = F.scaled_dot_product_attention(q_edit, null_key, null_value)
             weight = mask[:, None, :, None]
             out = torch.cat([weight * out[:rows] + (1 - weight) * null_out, out[rows:]])
             if control.capture:

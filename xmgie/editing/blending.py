@@ -1,8 +1,14 @@
 """Progressive feature blending (PFB): the outside of the mask follows a reference branch of the source.
 
-A reference branch follows the source image through the same timesteps. At chosen UNet blocks the
-edit branches' output features become ``m·f_edit + (1 − m)·f_ref`` with the mask resized to the
-features' resolution, and during the first part of the schedule the latents are blended the same way.
+A reference branch follows the source image through the same timesteps. At chosen UNet levels the
+edit branches' features become ``m·f_edit + (1 − m)·f_ref`` with the mask resized to the features'
+resolution, and during the first part of the schedule the latents are blended the same way.
+
+Levels name resolutions as fractions of the latent side (``"1/4"``: 16×16 for a 512-pixel image, whose
+latent is 64×64) plus ``"mid"`` for the middle block. As in PFB-Diff, a level covers the encoder and the
+decoder: the output of every layer (a resnet with its attention) working at that resolution is blended,
+so the skip connections carry blended features too. A block's downsampler or upsampler output is at the
+next resolution and is not blended by the block's own level. :func:`blend_modules` lists the layers.
 
 The reference branch rides in the same UNet call as the guidance branches: UNet blocks act on each
 sample independently, so a forward hook on a block can blend the edit rows with the reference rows of
@@ -15,10 +21,68 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
 from xmgie.editing.blur import resize_mask
+
+MIDDLE_LEVEL = "mid"
+"""The level of the UNet's middle block."""
+
+
+def level_halvings(level: str) -> int:
+    """How many times the UNet halves the latent side to reach ``level`` (``"1/4"`` → 2)."""
+    fraction = Fraction(level)
+    halvings = fraction.denominator.bit_length() - 1
+    if fraction.numerator != 1 or fraction.denominator != 1 << halvings:
+        raise ValueError(f"level {level!r} is not 1/2^k of the latent side")
+    return halvings
+
+
+def unet_layers(unet) -> list[tuple[str, int]]:
+    """The UNet's layers in execution order with the halvings of the latent side each works at.
+
+    A layer is a resnet with the attention that follows it (named by the attention, whose output is the
+    layer's), or a resnet alone in blocks without attention; the middle block is one layer. A down block's
+    layers work before its downsampler and an up block's before its upsampler.
+    """
+    layers: list[tuple[str, int]] = []
+    halvings = 0
+
+    def block_layers(prefix: str, block) -> None:
+        attentions = getattr(block, "attentions", None)
+        for index in range(len(block.resnets)):
+            kind = "attentions" if attentions is not None and len(attentions) > index else "resnets"
+            layers.append((f"{prefix}.{kind}.{index}", halvings))
+
+    for index, block in enumerate(unet.down_blocks):
+        block_layers(f"down_blocks.{index}", block)
+        if getattr(block, "downsamplers", None):
+            halvings += 1
+    layers.append(("mid_block", halvings))
+    for index, block in enumerate(unet.up_blocks):
+        block_layers(f"up_blocks.{index}", block)
+        if getattr(block, "upsamplers", None):
+            halvings -= 1
+    return layers
+
+
+def blend_modules(unet, levels: Sequence[str]) -> list[str]:
+    """Names of the UNet modules whose outputs PFB blends for ``levels`` (``"1/4"``, ``"1/8"``, ``"mid"``...).
+
+    ``"mid"`` is the middle block; ``"1/2^k"`` every encoder and decoder layer working at ``1/2^k`` of the
+    latent side (see :func:`unet_layers`).
+    """
+    wanted = {level_halvings(level) for level in levels if level != MIDDLE_LEVEL}
+    names = []
+    for name, halvings in unet_layers(unet):
+        if name == "mid_block":
+            if MIDDLE_LEVEL in levels:
+                names.append(name)
+        elif halvings in wanted:
+            names.append(name)
+    return names
 
 
 @dataclass
@@ -27,6 +91,7 @@ class FeatureBlender:
 
     Attributes:
         masks: (B, 1, H, W) soft edit masks (1 = edit) at latent or pixel resolution; resized per block.
+        blended_sizes: each blended module's name and the (h, w) of the features it blended last.
         num_branches: guidance branches per item before the reference branch (3 with guidance, else 1).
         mode: ``batched`` (reference rows are the last ``B`` rows of the same call), ``record`` (this call
             is the reference alone: store its features) or ``blend`` (blend with the stored features).
@@ -36,6 +101,7 @@ class FeatureBlender:
     num_branches: int
     mode: str = "batched"
     recorded: dict[str, torch.Tensor] = field(default_factory=dict)
+    blended_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     _resized: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
     _last_block: str | None = None
@@ -48,30 +114,55 @@ class FeatureBlender:
         return self._resized[key].to(device=like.device, dtype=like.dtype)
 
     def attach(self, unet, blocks: Sequence[str]) -> FeatureBlender:
-        """Register the hooks on ``blocks`` (module names such as ``mid_block`` or ``up_blocks.1``).
+        """Register the hooks on ``blocks``: top-level blocks (``mid_block``, ``up_blocks.1``) or the layers
+        :func:`blend_modules` names (``down_blocks.2.attentions.0``).
 
-        In batched mode the reference rows are dropped after the last blended block: nothing downstream
-        needs them, so the decoder blocks after it (the costly high-resolution ones with the default
-        blocks) run on the edit rows only.
+        In batched mode the reference rows are dropped after the last blended module: nothing downstream
+        needs them, so what follows it (the upsampler of its block and the costly high-resolution decoder
+        blocks with the default levels) runs on the edit rows only.
         """
         modules = dict(unet.named_modules())
-        order = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
-        order += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+        order = self._execution_order(unet)
         for name in blocks:
-            if name not in modules:
-                raise ValueError(f"the UNet has no block {name!r}")
+            if name not in modules or name not in order:
+                raise ValueError(f"the UNet has no block or layer {name!r}")
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
         if self.mode == "batched" and blocks:
             self._last_block = max(blocks, key=order.index)
-            downstream = order[order.index(self._last_block) + 1 :]
-            if any(name.startswith("down_blocks") for name in downstream):
+            if self._last_block.startswith("down_blocks"):
                 # Skip connections of later down blocks still carry reference rows; keep every row then.
                 self._last_block = None
             else:
-                for name in downstream:
+                for name in self._downstream_entries(unet, self._last_block):
                     hook = modules[name].register_forward_pre_hook(self._drop_reference_rows, with_kwargs=True)
                     self._handles.append(hook)
         return self
+
+    @staticmethod
+    def _execution_order(unet) -> list[str]:
+        """Blendable module names in the order their forward hooks fire: a block's layers, then the block."""
+        layers = [name for name, _ in unet_layers(unet)]
+        order: list[str] = []
+        for position, name in enumerate(layers):
+            order.append(name)
+            block = None if name == "mid_block" else name.rsplit(".", 2)[0]
+            following = layers[position + 1] if position + 1 < len(layers) else ""
+            if block is not None and not following.startswith(block + "."):
+                order.append(block)  # a block's own output comes after its layers and its sampler
+        return order
+
+    @staticmethod
+    def _downstream_entries(unet, last: str) -> list[str]:
+        """Modules after ``last`` (the mid block or in the decoder) whose inputs drop the reference rows."""
+        if last == "mid_block":
+            return [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+        index = int(last.split(".")[1])
+        later = [f"up_blocks.{i}" for i in range(index + 1, len(unet.up_blocks))]
+        if last.count(".") == 1:
+            return later
+        # Inside an up block only its upsampler can drop rows: its other layers take skip connections of every row.
+        samplers = getattr(unet.up_blocks[index], "upsamplers", None) or []
+        return [f"up_blocks.{index}.upsamplers.{i}" for i in range(len(samplers))] + later
 
     def _drop_reference_rows(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows, edit_rows = self._rows, self._rows - self.masks.shape[0]
@@ -103,6 +194,7 @@ class FeatureBlender:
             if self.mode == "record":
                 self.recorded[name] = features
                 return output
+            self.blended_sizes[name] = tuple(features.shape[-2:])
             if self.mode == "batched":
                 edit, reference = features[:-batch], features[-batch:]
             else:

@@ -44,7 +44,9 @@ def _invalid(name: str, value: Any, rule: str) -> EditInputError:
     return EditInputError("invalid_option", f"option {name}={value!r} is invalid: {rule}")
 
 
-PFB_REFERENCES = ("noise", "inversion")
+PFB_REFERENCES = ("noise", "inversion", "inversion_start")
+PFB_DEFAULT_LEVELS = ("1/4", "1/8", "mid")
+PFB_LEVEL_DENOMINATORS = (1, 2, 4, 8, 16, 32, 64)
 CAM_MODES = ("hard", "soft")
 IE_REFERENCES = ("source", "outside_mask", "image")
 IE_REGIONS = (None, "outside_mask", "inside_mask")
@@ -76,29 +78,62 @@ def _check_flag(name: str, value: Any) -> None:
         raise _invalid(name, value, "true or false")
 
 
+def _pfb_level(value: Any) -> str:
+    """A PFB level as ``"1/N"`` or ``"mid"``; numbers such as 0.25 are accepted for ``"1/4"``."""
+    if value == "mid":
+        return value
+    denominator = None
+    if isinstance(value, str) and value.startswith("1/") and value[2:].isdigit():
+        denominator = int(value[2:])
+    elif isinstance(value, int | float) and not isinstance(value, bool) and value > 0 and (1 / value).is_integer():
+        denominator = int(1 / value)
+    if denominator not in PFB_LEVEL_DENOMINATORS:
+        raise _invalid(
+            "pfb.levels", value, f"'mid' or a fraction 1/N of the latent side, N in {PFB_LEVEL_DENOMINATORS}"
+        )
+    return f"1/{denominator}"
+
+
 @dataclass(frozen=True)
 class PFBOptions:
     """Progressive feature blending: keep the outside of the mask on a reference branch of the source.
 
     Attributes:
         enabled: switch.
-        blocks: UNet blocks whose output features are blended with the reference branch's
-            (default: the middle block and the decoder blocks working at 1/8 and 1/4 of the latent size,
-            i.e. 8×8 and 16×16 for a 512-pixel image).
+        levels: UNet resolutions whose features are blended with the reference branch's, as fractions of the
+            latent side, and ``"mid"`` for the middle block. A fraction covers every encoder and decoder layer
+            working at that resolution, as PFB-Diff blends. Default ``1/4``, ``1/8`` and ``mid``: 16×16 and 8×8
+            for a 512-pixel image (64×64 latent) — the encoder's last two levels, the middle block and the
+            decoder down to 16×16.
+        blocks: instead of ``levels``, whole UNet blocks (``mid_block``, ``up_blocks.1``...) whose outputs are
+            blended; an up block's output is after its upsampler (``up_blocks.1``: 32×32 at 512 pixels).
         latent_blend_fraction: leading fraction of the steps during which latents are blended too.
-        reference: ``noise`` (source latent noised with a fixed noise per step) or ``inversion`` (DDIM inversion).
+        reference: the reference branch — ``noise`` (the source latent noised with a fixed noise per step),
+            ``inversion`` (DDIM inversion of the source with the null conditioning) or ``inversion_start``
+            (PFB-Diff's: that inversion, and sampling starts from the inverted latent instead of noise).
     """
 
     enabled: bool = True
-    blocks: tuple[str, ...] = ("mid_block", "up_blocks.0", "up_blocks.1")
+    levels: tuple[str, ...] = PFB_DEFAULT_LEVELS
+    blocks: tuple[str, ...] = ()
     latent_blend_fraction: float = 0.5
     reference: str = "noise"
 
     def __post_init__(self) -> None:
         _check_flag("pfb.enabled", self.enabled)
+        for name in ("levels", "blocks"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise _invalid(f"pfb.{name}", value, "a list")
+        levels = tuple(dict.fromkeys(_pfb_level(level) for level in self.levels))
         object.__setattr__(self, "blocks", tuple(self.blocks))
         for block in self.blocks:
             _check_choice("pfb.blocks", block, UNET_BLOCKS)
+        if self.blocks:
+            if levels not in ((), PFB_DEFAULT_LEVELS):
+                raise EditInputError("invalid_option", "pfb.levels and pfb.blocks exclude each other: give one")
+            levels = ()
+        object.__setattr__(self, "levels", levels)
         _check_number("pfb.latent_blend_fraction", self.latent_blend_fraction, 0.0, 1.0)
         _check_choice("pfb.reference", self.reference, PFB_REFERENCES)
 

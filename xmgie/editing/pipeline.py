@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,12 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
-from xmgie.editing.blending import FeatureBlender, ddim_inverted_latents, noised_reference_latents
+from xmgie.editing.blending import (
+    FeatureBlender,
+    blend_modules,
+    ddim_inverted_latents,
+    noised_reference_latents,
+)
 from xmgie.editing.blur import composite_images, resize_mask, soften_mask
 from xmgie.editing.edit_head import EditMapper
 from xmgie.editing.errors import EditInputError
@@ -180,6 +186,16 @@ class XMGIEPipeline(DiffusionPipeline):
                 peak_memory[stage] = max(peak_memory.get(stage, 0), torch.cuda.max_memory_allocated(device))
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
+    def seeded_generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One generator per item, seeded and created on the execution device.
+
+        On CUDA a CPU generator would make every noise draw of the sampler (Euler-ancestral draws one per step)
+        happen on the CPU and be copied over; a generator on the device draws there. The same seed gives the same
+        result on the same kind of device (CPU and CUDA random streams differ).
+        """
+        device = self._execution_device
+        return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
     def check_inputs(
         self,
         image: PIL.Image.Image | Sequence[PIL.Image.Image],
@@ -305,7 +321,10 @@ class XMGIEPipeline(DiffusionPipeline):
 
         - ``edit_masks`` (B, 1, H, W) soft masks (1 = edit) with ``pfb`` enabled: a reference branch of the
           source rides in the same UNet call (``pfb_sequential`` runs it as a separate call instead) and
-          its features and, for the leading steps, latents are blended outside the mask.
+          its features at ``pfb.levels`` (or ``pfb.blocks``) and, for the leading steps, latents are blended
+          outside the mask; ``self.pfb_blended_sizes`` then maps each blended module to its (h, w). With
+          ``pfb.reference="inversion_start"`` and no ``latents`` given, sampling starts from the inverted
+          source latent.
         - ``edit_masks`` with ``cam`` enabled: cross-attention masking of the edit conditioning.
         - ``identity_tokens`` (B, T, D) with a non-zero ``identity_scale``: decoupled identity cross-attention,
           limited to ``identity_regions`` (B, 1, H, W) when given.
@@ -316,6 +335,9 @@ class XMGIEPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
         num_branches = 3 if do_cfg else 1
         dtype = self.unet.dtype
+        # Latents stay in (at least) float32 between steps: a bf16 UNet's rounding would otherwise accumulate
+        # in the sampler's state over the whole schedule. Only the UNet's inputs are cast to its dtype.
+        latent_dtype = torch.promote_types(dtype, torch.float32)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         source_image_latents = image_latents.to(device=device, dtype=dtype)
@@ -329,25 +351,35 @@ class XMGIEPipeline(DiffusionPipeline):
             image_latents = source_image_latents
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        use_pfb = pfb is not None and pfb.enabled and edit_masks is not None
+        reference = None
+        if use_pfb and pfb.reference != "noise":
+            # The inversion draws no noise, so it comes first: inversion_start samples from its result.
+            reference = self.prepare_reference_latents(
+                source_image_latents.to(latent_dtype), negative_prompt_embeds, pfb.reference, generator
+            )
+            if latents is None and pfb.reference == "inversion_start":
+                latents = reference[0]
         if latents is None:
-            latents = self.prepare_latents(batch_size, *image_latents.shape[-2:], dtype, generator)
+            latents = self.prepare_latents(batch_size, *image_latents.shape[-2:], latent_dtype, generator)
+        latents = latents.to(device=device, dtype=latent_dtype)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
         latent_size = tuple(latents.shape[-2:])
 
         # Progressive feature blending: the reference branch and its trajectory.
-        use_pfb = pfb is not None and pfb.enabled and edit_masks is not None
         blender = None
         if use_pfb:
-            latent_masks = resize_mask(edit_masks.to(device=device, dtype=torch.float32), latent_size).to(dtype)
-            reference = self.prepare_reference_latents(
-                source_image_latents, negative_prompt_embeds, pfb.reference, generator
-            )
+            latent_masks = resize_mask(edit_masks.to(device=device, dtype=torch.float32), latent_size).to(latent_dtype)
+            if reference is None:
+                reference = self.prepare_reference_latents(
+                    source_image_latents.to(latent_dtype), negative_prompt_embeds, pfb.reference, generator
+                )
             blended_steps = round(pfb.latent_blend_fraction * len(self.scheduler.timesteps))
             blender = FeatureBlender(
                 edit_masks.to(device=device, dtype=torch.float32),
                 num_branches,
                 mode="blend" if pfb_sequential else "batched",
-            ).attach(self.unet, pfb.blocks)
+            ).attach(self.unet, pfb.blocks or blend_modules(self.unet, pfb.levels))
 
         # Cross-attention masking and identity embeddings share one processor on every attn2 layer.
         control = CrossAttentionControl(batch_size=batch_size, num_branches=num_branches, capture=capture_attention)
@@ -358,6 +390,9 @@ class XMGIEPipeline(DiffusionPipeline):
             control.edit_masks = mask_pyramid(masks, *latent_size)
             if cam.mode == "hard":
                 control.edit_masks = {n: (m >= 0.5).to(dtype) for n, m in control.edit_masks.items()}
+            if not do_cfg:
+                # Without guidance no branch of the batch carries the null conditioning that CAM falls back to.
+                control.null_conditioning = negative_prompt_embeds
         negative_tokens = None
         if identity_tokens is not None and identity_scale != 0.0:
             if self.identity_adapter is None:
@@ -387,17 +422,19 @@ class XMGIEPipeline(DiffusionPipeline):
                     model_input = torch.cat([model_input, reference[i]])
                     branch_image_latents = torch.cat([image_latents, source_image_latents])
                     branch_conditioning = torch.cat([conditioning, reference_conditioning])
-                model_input = torch.cat([self.scheduler.scale_model_input(model_input, t), branch_image_latents], 1)
+                model_input = torch.cat(
+                    [self.scheduler.scale_model_input(model_input, t).to(dtype), branch_image_latents], 1
+                )
                 if use_pfb and pfb_sequential:
                     blender.mode = "record"
                     reference_input = torch.cat(
-                        [self.scheduler.scale_model_input(reference[i], t), source_image_latents], 1
+                        [self.scheduler.scale_model_input(reference[i], t).to(dtype), source_image_latents], 1
                     )
                     with self._attention_paused(control, negative_tokens):
                         self.unet(reference_input, t, encoder_hidden_states=reference_conditioning)
                     blender.mode = "blend"
                 noise_pred = self.unet(model_input, t, encoder_hidden_states=branch_conditioning, return_dict=False)[0]
-                noise_pred = noise_pred[: num_branches * batch_size]
+                noise_pred = noise_pred[: num_branches * batch_size].to(latent_dtype)
                 if do_cfg:
                     noise_text, noise_image, noise_uncond = noise_pred.chunk(3)
                     noise_pred = (
@@ -420,6 +457,7 @@ class XMGIEPipeline(DiffusionPipeline):
                 self.unet.set_attn_processor(previous_processors)
         self.attention_records = control.records
         self.reference_latents = reference if use_pfb else None
+        self.pfb_blended_sizes = dict(blender.blended_sizes) if blender is not None else {}
         return latents
 
     @contextmanager
@@ -445,15 +483,21 @@ class XMGIEPipeline(DiffusionPipeline):
         method: str,
         generator: GeneratorInput,
     ) -> list[torch.Tensor]:
-        """The reference branch's latent at each timestep (and the source latent last), by noise or inversion."""
+        """The reference branch's latent at each timestep (and the source latent last), by noise or inversion.
+
+        ``method`` is ``noise``, or ``inversion`` / ``inversion_start`` (both DDIM inversion with the null
+        conditioning; they differ only in where :meth:`denoise` starts sampling).
+        """
         source = image_latents * self.vae.config.scaling_factor
         if method == "noise":
             noise = randn_tensor(source.shape, generator=generator, device=source.device, dtype=source.dtype)
             return noised_reference_latents(self.scheduler, source, noise)
 
         def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
-            model_input = torch.cat([x, image_latents], dim=1)
-            return self.unet(model_input, t, encoder_hidden_states=negative_prompt_embeds, return_dict=False)[0]
+            model_input = torch.cat([x, image_latents], dim=1).to(self.unet.dtype)
+            conditioning = negative_prompt_embeds.to(self.unet.dtype)
+            noise = self.unet(model_input, t, encoder_hidden_states=conditioning, return_dict=False)[0]
+            return noise.to(x.dtype)
 
         return ddim_inverted_latents(self.scheduler, predict_noise, source)
 
@@ -499,15 +543,41 @@ class XMGIEPipeline(DiffusionPipeline):
                 result.append(None)
         return result
 
-    def soft_masks(self, masks: list[PIL.Image.Image], gb: GBOptions) -> torch.Tensor:
-        """(B, 1, H, W) masks in [0, 1]: Gaussian-blurred by distance to the boundary when GB is on."""
-        tensors = []
+    def soft_masks(
+        self, masks: list[PIL.Image.Image | None], working_size: tuple[int, int], gb: GBOptions
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Each item's mask softened once, at its input's size, for the final composite and for the model.
+
+        GB's σ_max and σ_s are in working pixels, where the edit is made, and are scaled by the input's size over
+        the working size: the feather covers the same part of the picture whatever the input's resolution (on a
+        4000-pixel photo edited at 512 it is about 8 times wider in input pixels). One distance transform per
+        item; the working-size mask is the input-size one resized.
+
+        Args:
+            masks: hard masks (mode ``L``, white = edit) at each item's input size; ``None``: edited everywhere.
+            working_size: the (width, height) the model works at.
+            gb: with GB off the masks are kept hard.
+
+        Returns:
+            (B, 1, h, w) masks in [0, 1] at the working size for PFB and CAM, and per item its (H, W) mask at the
+            input's size for the composite (``None`` where the item has no mask).
+        """
+        width, height = working_size
+        device = self._execution_device
+        working: list[torch.Tensor] = []
+        at_input: list[torch.Tensor | None] = []
         for mask in masks:
-            hard = mask_to_tensor(mask)[0].to(self._execution_device)
+            if mask is None:
+                working.append(torch.ones(height, width, device=device))
+                at_input.append(None)
+                continue
+            hard = mask_to_tensor(mask)[0].to(device)
             if gb.enabled:
-                hard = soften_mask((hard >= 0.5).float(), sigma_max=gb.sigma_max, sigma_s=gb.sigma_s)
-            tensors.append(hard)
-        return torch.stack(tensors)[:, None]
+                scale = math.sqrt(mask.width * mask.height / (width * height))
+                hard = soften_mask((hard >= 0.5).float(), sigma_max=gb.sigma_max * scale, sigma_s=gb.sigma_s * scale)
+            at_input.append(hard)
+            working.append(hard if mask.size == working_size else resize_mask(hard, (height, width)))
+        return torch.stack(working)[:, None], at_input
 
     def encode_identity_tokens(
         self,
@@ -638,7 +708,8 @@ class XMGIEPipeline(DiffusionPipeline):
             have_masks = wants_mask and any(m is not None for m in working_masks)
             # An item without a mask in a group with masks is edited everywhere (a full mask changes nothing).
             working_masks = [m if m is not None else PIL.Image.new("L", group_size, 255) for m in working_masks]
-            edit_masks = self.soft_masks(working_masks, gb) if have_masks else None
+            input_masks = self.item_masks(group_masks, auto, [images[i].size for i in indices])
+            edit_masks, input_soft_masks = self.soft_masks(input_masks, group_size, gb) if have_masks else (None, None)
 
             # 6. Identity tokens
             identity_tokens = identity_regions = None
@@ -672,7 +743,6 @@ class XMGIEPipeline(DiffusionPipeline):
                 )
 
             # 8. Post-process at each input's size; GB composites the edit onto the source
-            input_masks = self.item_masks([masks[i] for i in indices], auto, [images[i].size for i in indices])
             for row, i in enumerate(indices):
                 used_masks[i] = input_masks[row] if have_masks else None
             if output_type == "latent":
@@ -685,9 +755,8 @@ class XMGIEPipeline(DiffusionPipeline):
                 result = decoded[row]
                 if result.size != images[i].size:
                     result = result.resize(images[i].size, PIL.Image.Resampling.LANCZOS)
-                if have_masks and gb.enabled and input_masks[row] is not None:
-                    soft = self.soft_masks([input_masks[row]], gb)[0, 0]
-                    result = composite_images(result, images[i], soft.cpu())
+                if have_masks and gb.enabled and input_soft_masks[row] is not None:
+                    result = composite_images(result, images[i], input_soft_masks[row].cpu())
                 outputs[i] = result
                 if used_masks[i] is not None:
                     preservation[i] = preservation_outside(images[i], result, used_masks[i])

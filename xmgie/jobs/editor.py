@@ -121,9 +121,7 @@ class PipelineEditor:
         self.pipe = pipe
 
     def edit(self, requests: list[EditRequest]) -> list[EditResult]:
-        """Edit ``requests`` group by group; each item gets ``torch.Generator().manual_seed(seed)``."""
-        import torch
-
+        """Edit ``requests`` group by group; each item gets its own generator seeded with its seed on the device."""
         results: list[EditResult | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for position, request in enumerate(requests):
@@ -141,7 +139,7 @@ class PipelineEditor:
                 num_inference_steps=options.num_inference_steps,
                 guidance_scale=options.guidance_scale,
                 image_guidance_scale=options.image_guidance_scale,
-                generator=[torch.Generator().manual_seed(request.seed) for request in group],
+                generator=self.pipe.seeded_generators([request.seed for request in group]),
                 max_side=options.max_side,
                 max_new_tokens=options.max_new_tokens,
                 pfb=pfb,
