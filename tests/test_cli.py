@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from xmgie.editing.images import working_size
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -52,7 +55,13 @@ def test_edit_writes_an_image_at_the_inputs_size(tmp_path, tiny_dir, model_cache
     # The user's mask is what was used, and far outside it the photo is untouched.
     used = np.asarray(Image.open(tmp_path / "mask.png"))
     assert np.array_equal(used, np.asarray(Image.open(EXAMPLES / "chelsea_mask.png").convert("L")))
-    far = ndimage.distance_transform_edt(used < 128) > 15
+    # GB's σ is in working pixels: 3·σ_max = 15 of them, scaled to the input's size.
+    width, height = Image.open(EXAMPLES / "chelsea.png").size
+    working_width, working_height = working_size(width, height, max_side=64)
+    far = ndimage.distance_transform_edt(used < 128) > 15 * math.sqrt(
+        width * height / (working_width * working_height)
+    )
+    assert far.any()
     assert np.array_equal(np.asarray(Image.open(output))[far], np.asarray(Image.open(EXAMPLES / "chelsea.png"))[far])
     assert "expressive instruction:" in result.stdout
     assert "seed: 4" in result.stdout

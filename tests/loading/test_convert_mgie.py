@@ -512,8 +512,7 @@ def test_nonempty_output_dir_is_refused(release: Release, tmp_path: Path) -> Non
 
 
 def test_ip_adapter_weights_are_converted_for_identity_embeddings(release: Release, pipe, tmp_path: Path) -> None:
-    from conftest import synthetic_release
-
+    from tests.conftest import synthetic_release
     from xmgie.editing.identity import build_tiny_identity_components
 
     encoder, _, _ = build_tiny_identity_components(pipe.unet)
