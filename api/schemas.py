@@ -34,7 +34,7 @@ StorableText = Annotated[str, AfterValidator(_storable_text)]
 """A string every backend can store: refused with 422 when it holds a NUL character or a lone surrogate (a
 PostgreSQL text column holds neither, and UTF-8 cannot encode a surrogate)."""
 
-Reference = Annotated[StorableText, Field(max_length=KEY_MAX_CHARS)]
+Reference = Annotated[str, Field(max_length=KEY_MAX_CHARS), AfterValidator(_storable_text)]
 """A reference to an upload, or a key or prefix of the tenant's space."""
 
 

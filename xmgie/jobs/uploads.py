@@ -87,6 +87,21 @@ def inspect_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     return image_format or "PNG", image.width, image.height
 
 
+MAX_KEY_BYTES = 1024
+"""Longest object key in UTF-8 bytes: S3's limit, and the length of the reference columns."""
+
+MAX_NAME_BYTES = 200
+"""Longest segment of a key in UTF-8 bytes: file systems hold 255, less the local backend's partial-write suffix."""
+
+
+def _check_key_length(key: str) -> None:
+    """``invalid_path`` for a key that S3, the reference columns or a file system could not hold."""
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise EditInputError("invalid_path", f"the key of this path would be longer than {MAX_KEY_BYTES} bytes")
+    if any(len(name.encode("utf-8")) > MAX_NAME_BYTES for name in key.split("/")):
+        raise EditInputError("invalid_path", f"a name in this path is longer than {MAX_NAME_BYTES} bytes")
+
+
 def store_upload(
     *,
     storage: Storage,
@@ -108,6 +123,7 @@ def store_upload(
             key = data_key(tenant_id, path)
         except InvalidKeyError as error:
             raise EditInputError("invalid_path", f"path {path!r} is not a safe relative path: {error}") from None
+        _check_key_length(key)
     image_format, width, height = inspect_image(data, max_pixels=max_pixels)
     upload_id = uuid.uuid5(tenant_id, hashlib.sha256(data).hexdigest())
     if path is None:
