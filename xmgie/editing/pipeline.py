@@ -30,7 +30,7 @@ from xmgie.editing.errors import EditInputError
 from xmgie.editing.identity import IdentityAdapter, encode_identity, identity_score
 from xmgie.editing.images import check_instruction, mask_to_tensor, to_working_size
 from xmgie.editing.masks import estimate_edit_masks, mask_pyramid
-from xmgie.editing.mllm import MAX_NEW_TOKENS, generate_expressive_instructions
+from xmgie.editing.mllm import DEFAULT_MLLM_BATCH_SIZE, MAX_NEW_TOKENS, generate_expressive_instructions
 from xmgie.editing.options import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
@@ -245,11 +245,21 @@ class XMGIEPipeline(DiffusionPipeline):
         max_new_tokens: int,
         timings: dict[str, float],
         peak_memory: dict[str, int] | None = None,
+        mllm_batch_size: int = DEFAULT_MLLM_BATCH_SIZE,
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Expressive instructions and UNet conditioning for the batch, plus the null conditioning."""
+        """Expressive instructions and UNet conditioning for the batch, plus the null conditioning.
+
+        The MLLM runs ``mllm_batch_size`` items per ``generate`` call; the results do not depend on it.
+        """
         with self._timed(timings, "mllm", peak_memory), self._mllm_on_device():
             mllm_out = generate_expressive_instructions(
-                self.mllm, self.tokenizer, self.feature_extractor, images, instructions, max_new_tokens=max_new_tokens
+                self.mllm,
+                self.tokenizer,
+                self.feature_extractor,
+                images,
+                instructions,
+                max_new_tokens=max_new_tokens,
+                batch_size=mllm_batch_size,
             )
         with self._timed(timings, "edit_head", peak_memory):
             hidden = mllm_out.img_hidden_states.to(device=self.edit_head.device, dtype=self.edit_head.dtype)
