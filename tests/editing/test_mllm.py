@@ -23,6 +23,7 @@ from xmgie.editing.mllm import (
     mllm_activation_bytes,
 )
 from xmgie.loading.convert_mgie import add_mgie_tokens, load_llava_tokenizer
+from xmgie.training.objective import prompt_token_ids
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -108,6 +109,8 @@ def test_prompt_ids_are_the_slow_sentencepiece_tokenizers(tmp_path, tokenizer_co
             + sp.encode("ASSISTANT:")
         )
         assert encode_prompt(tokenizer, prompt) == expected
+        # Training teacher-forces the same prompt ids.
+        assert prompt_token_ids(tokenizer, instruction, num_image_tokens) == expected
         # Encoding the whole prompt with transformers 5's tokenizer gives other ids (the reason for splicing).
         assert tokenizer(prompt)["input_ids"] != expected
 

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from xmgie.editing.mllm import IMG_TOKENS, MAX_NEW_TOKENS, MLLM_SPECIAL_TOKENS, build_prompt, strip_special_tokens
+from xmgie.editing.mllm import (
+    IMG_TOKENS,
+    MAX_NEW_TOKENS,
+    MLLM_SPECIAL_TOKENS,
+    build_prompt,
+    encode_prompt,
+    strip_special_tokens,
+)
 
 IGNORE_INDEX = -100
 CONDITIONING_DROPOUT = 0.05
@@ -36,7 +43,7 @@ def num_image_tokens(mllm) -> int:
 def prompt_token_ids(tokenizer, instruction: str, image_tokens: int) -> list[int]:
     """MGIE's prompt for ``instruction`` as token ids, exactly as the pipeline builds it at inference."""
     special = list(tokenizer.all_special_tokens) + IMG_TOKENS + MLLM_SPECIAL_TOKENS
-    return tokenizer(build_prompt(strip_special_tokens(instruction, special), image_tokens))["input_ids"]
+    return encode_prompt(tokenizer, build_prompt(strip_special_tokens(instruction, special), image_tokens))
 
 
 def answer_token_ids(tokenizer, expressive_instruction: str, max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
