@@ -100,10 +100,8 @@ EXTENSIONS_OFF = {"pfb": False, "cam": False, "ie": False, "gb": False, "auto_ma
 
 @pytest.mark.parametrize(
     "extensions, atol",
-    # Rows of a batched UNet/VAE call differ from single-row calls by float32 rounding (~1e-6 per call on the CPU),
-    # which three Euler-ancestral steps at sigma up to ~15 grow to ~2e-4 in the latents even with identical
-    # conditioning; the extensions add more float32 operations between rows of different batch sizes.
-    [(EXTENSIONS_OFF, 5e-4), ({}, 1e-3)],
+    # With the extensions on, more float32 operations between rows of different batch sizes add rounding noise.
+    [(EXTENSIONS_OFF, 1e-4), ({}, 1e-3)],
     ids=["foundation", "extensions"],
 )
 def test_batch_equals_items_edited_alone(tiny_pipe, extensions, atol):
