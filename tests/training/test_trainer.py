@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from xmgie.cli import main
 from xmgie.editing.images import load_image
@@ -267,3 +268,29 @@ def test_processes_share_each_step_and_a_restart_reads_what_the_whole_run_would(
     # Two processes of one sample each read, step by step, the two samples one process of two reads.
     assert [index for pair in zip(first, second, strict=True) for index in pair] == one
     assert take(StepSampler(5, 2, seed=1, process=0, processes=1, start_batch=3), 14) == one[6:]
+
+
+def test_the_teacher_forced_prompt_is_the_one_inference_generates_from(tiny_pipe):
+    from xmgie.editing.mllm import generate_expressive_instructions
+    from xmgie.training.objective import prompt_token_ids
+
+    seen = []
+    hook = tiny_pipe.mllm.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"], kwargs["attention_mask"])), with_kwargs=True
+    )
+    instructions = ["make it black and white", "add a red circle in the top left"]
+    try:
+        generate_expressive_instructions(
+            tiny_pipe.mllm,
+            tiny_pipe.tokenizer,
+            tiny_pipe.feature_extractor,
+            [Image.new("RGB", (40, 30), (90, 20, 200))] * 2,
+            instructions,
+            max_new_tokens=10,
+        )
+    finally:
+        hook.remove()
+    input_ids, attention_mask = seen[0]
+    for row, instruction in enumerate(instructions):
+        prompt = input_ids[row, attention_mask[row].bool()].tolist()
+        assert prompt == prompt_token_ids(tiny_pipe.tokenizer, instruction, num_image_tokens(tiny_pipe.mllm))
