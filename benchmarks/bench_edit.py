@@ -249,22 +249,15 @@ def held_weights(stage: str, mode: str, weights: dict[str, int]) -> int:
 
 
 def _mllm_activations(config, batch: int, new_tokens: int, dtype: torch.dtype, lean: bool) -> int:
-    """The MLLM stage's cache and kept hidden states for ``batch`` items (``mllm_activation_bytes`` when the
-    library has it; the same count from the config otherwise)."""
-    if hasattr(mllm_stage, "mllm_activation_bytes"):
-        return mllm_stage.mllm_activation_bytes(
-            config,
-            batch_size=batch,
-            text_tokens=MGIE_TEXT_TOKENS,
-            new_tokens=new_tokens,
-            dtype=dtype,
-            lean_hidden_states=lean,
-        ).total
-    text, vision = config.text_config, config.vision_config
-    positions = MGIE_TEXT_TOKENS + (vision.image_size // vision.patch_size) ** 2 + new_tokens - 1
-    kv_cache = 2 * text.num_hidden_layers * batch * text.hidden_size * positions * dtype.itemsize
-    kept_layers = 1 if lean else text.num_hidden_layers + 1
-    return kv_cache + kept_layers * batch * positions * text.hidden_size * dtype.itemsize
+    """The MLLM stage's cache and kept hidden states for ``batch`` items."""
+    return mllm_stage.mllm_activation_bytes(
+        config,
+        batch_size=batch,
+        text_tokens=MGIE_TEXT_TOKENS,
+        new_tokens=new_tokens,
+        dtype=dtype,
+        lean_hidden_states=lean,
+    ).total
 
 
 def memory_table(args: argparse.Namespace, large_side: int = 2048) -> dict:

@@ -41,6 +41,13 @@ def edit_with_every_extension(pipe: XMGIEPipeline):
     )
 
 
+def assert_same_picture(image, reference) -> None:
+    """Equal but for float rounding: moving modules between hooks may reorder a reduction, which can flip a
+    pixel by one level (seen on 0.01 % of the pixels)."""
+    difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.001
+
+
 @pytest.fixture(scope="module")
 def plain_edit(tiny_pipe):
     """The edit without any offload, for comparison."""
@@ -238,7 +245,7 @@ def test_an_edit_with_every_extension_under_model_offload_equals_the_plain_edit(
     assert all(score is not None for score in out.identity_scores)
     assert out.identity_scores == pytest.approx(expected.identity_scores, abs=1e-6)
     for image, reference in zip(out.images, expected.images, strict=True):
-        assert np.array_equal(np.asarray(image), np.asarray(reference))
+        assert_same_picture(image, reference)
 
 
 # ---------------------------------------------------------------------------------------------------- MLLM offload
@@ -267,7 +274,7 @@ def test_mllm_offload_keeps_the_mllm_off_the_device_but_for_the_instruction_stag
     assert set(events[1 : first_unet - 1]) == {"mllm"}
     assert set(events[first_unet:]) == {"unet"}
     for image, reference in zip(out.images, plain_edit.images, strict=True):
-        assert np.array_equal(np.asarray(image), np.asarray(reference))
+        assert_same_picture(image, reference)
 
 
 def test_one_offload_mode_at_a_time(fresh_pipe):
