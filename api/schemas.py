@@ -168,7 +168,10 @@ class ItemError(BaseModel):
 
 
 class ItemPublic(BaseModel):
-    """An item as clients see it; ``result_url`` (presigned, temporary) is set once it has succeeded."""
+    """An item as clients see it; ``result_url`` (presigned, temporary) is set once it has succeeded.
+
+    ``edit_scope`` (``local`` or ``global``) and ``mask_fraction`` repeat the result's metrics of the same names.
+    """
 
     id: uuid.UUID
     index: int
@@ -183,6 +186,8 @@ class ItemPublic(BaseModel):
     error: ItemError | None
     expressive_instruction: str | None
     metrics: dict[str, Any] | None
+    edit_scope: str | None
+    mask_fraction: float | None
     output_sha256: str | None
     result_url: str | None
     mask_url: str | None
@@ -207,6 +212,8 @@ class ItemPublic(BaseModel):
             error=ItemError(code=item.error_code, message=item.error_message) if item.error_code else None,
             expressive_instruction=item.expressive_instruction,
             metrics=item.metrics,
+            edit_scope=(item.metrics or {}).get("edit_scope"),
+            mask_fraction=(item.metrics or {}).get("mask_fraction"),
             output_sha256=item.output_sha256,
             result_url=result_url,
             mask_url=mask_url,

@@ -129,6 +129,12 @@ def test_the_command_with_the_tiny_model_writes_a_dataset_that_datasets_loads(tm
     assert set(dataset["instruction"]) == {"make it snowy"}
     assert all(text for text in dataset["expressive_instruction"])
     assert all(isinstance(score, float) for score in dataset["identity_score"])
+    assert set(dataset["edit_scope"]) <= {"local", "global"} and len(dataset["edit_scope"]) == 2
+    assert all(0.0 < fraction <= 1.0 for fraction in dataset["mask_fraction"])
+    assert all(
+        (scope == "global") == (fraction == 1.0)
+        for scope, fraction in zip(dataset["edit_scope"], dataset["mask_fraction"], strict=True)
+    )
     keys = [key.rsplit("/", 1)[1] for key in dataset["source_key"]]
     sizes = {key: image.size for key, image in zip(keys, dataset["image"], strict=True)}
     assert sizes == {"cat.png": (48, 40), "dog.png": (48, 40)}

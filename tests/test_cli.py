@@ -86,12 +86,20 @@ def test_edit_without_a_mask_writes_the_automatic_mask_and_switches_work(tmp_pat
         "cpu",
     ]
     result = xmgie(
-        *common, "--output", str(tmp_path / "a.png"), "--save-mask", str(tmp_path / "mask.png"), cache_dir=model_cache
+        *common,
+        "--auto-mask-mode",
+        "always",
+        "--output",
+        str(tmp_path / "a.png"),
+        "--save-mask",
+        str(tmp_path / "mask.png"),
+        cache_dir=model_cache,
     )
     assert result.returncode == 0, result.stderr
     mask = Image.open(tmp_path / "mask.png")
     assert mask.size == Image.open(EXAMPLES / "coffee.png").size and mask.mode == "L"
     assert "(automatic)" in result.stdout and "identity score:" in result.stdout
+    assert "edit scope: local" in result.stdout
     assert "preservation outside the mask: PSNR" in result.stdout
 
     result = xmgie(
@@ -109,6 +117,7 @@ def test_edit_without_a_mask_writes_the_automatic_mask_and_switches_work(tmp_pat
     )
     assert result.returncode == 0, result.stderr
     assert "no mask was used" in result.stdout and "identity score" not in result.stdout
+    assert "edit scope: global (100.0% of the image)" in result.stdout
     assert not (tmp_path / "none.png").exists()
     assert Image.open(tmp_path / "a.png").tobytes() != Image.open(tmp_path / "b.png").tobytes()
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import inspect
@@ -66,6 +67,12 @@ def test_batch_writes_outputs_results_and_a_contact_sheet(batch_run):
     assert results[1]["error_code"] == "image_not_found"
     assert all(result["expressive_instruction"] for result in (results[0], results[2]))
     assert results[0]["preservation"] is not None
+    # The user's mask makes the edit local; its fraction is the mask's area.
+    user_mask = np.asarray(Image.open(EXAMPLES / "chelsea_mask.png").convert("L")) > 127
+    assert results[0]["edit_scope"] == "local"
+    assert results[0]["mask_fraction"] == pytest.approx(user_mask.mean(), abs=0.01)
+    assert results[2]["edit_scope"] in {"local", "global"} and 0.0 < results[2]["mask_fraction"] <= 1.0
+    assert results[1]["edit_scope"] is None
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.height >= 3 * 256
 

@@ -72,9 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("cam", "cross-attention masking"),
         ("ie", "identity embeddings"),
         ("gb", "Gaussian blurring and the final composite"),
-        ("auto-mask", "the automatic mask when no --mask is given"),
+        ("auto-mask", "the automatic mask when no --mask is given (same as --auto-mask-mode off)"),
     ):
         extensions.add_argument(f"--no-{name}", action="store_true", help=f"switch off {what}")
+    extensions.add_argument(
+        "--auto-mask-mode",
+        choices=["auto", "always", "off"],
+        default="auto",
+        help="without --mask: auto = local to the estimated mask, or global when the edit is everywhere; "
+        "always = always local to the estimated mask; off = global",
+    )
     extensions.add_argument("--pfb-fraction", type=float, default=0.5, help="leading fraction of latent blending")
     extensions.add_argument("--pfb-reference", choices=["noise", "inversion", "inversion_start"], default="noise")
     extensions.add_argument("--cam-mode", choices=["hard", "soft"], default="hard")
@@ -306,7 +313,7 @@ def run_edit(args: argparse.Namespace) -> int:
             "region": args.ie_region,
         },
         gb={"enabled": not args.no_gb, "sigma_max": args.sigma_max, "sigma_s": args.sigma_s},
-        auto_mask=not args.no_auto_mask,
+        auto_mask={"mode": "off" if args.no_auto_mask else args.auto_mask_mode},
     )
     image = load_image(args.image)
     mask = load_mask(args.mask, image.size) if args.mask else None
@@ -338,6 +345,7 @@ def run_edit(args: argparse.Namespace) -> int:
     out.images[0].save(args.output)
     print(f"expressive instruction: {out.expressive_instructions[0]}")
     print(f"seed: {seed}")
+    print(f"edit scope: {out.edit_scopes[0]} ({out.mask_fractions[0]:.1%} of the image)")
     print(f"wrote {args.output} ({out.images[0].size[0]}×{out.images[0].size[1]})")
     print(
         "timings (s): "
@@ -347,7 +355,7 @@ def run_edit(args: argparse.Namespace) -> int:
     )
     if args.save_mask:
         if out.masks[0] is None:
-            print("no mask was used (no --mask, and the automatic mask is off or nothing needed it)")
+            print("no mask was used: the edit is global")
         else:
             args.save_mask.parent.mkdir(parents=True, exist_ok=True)
             out.masks[0].save(args.save_mask)

@@ -37,7 +37,14 @@ def _succeed(engine: Engine, settings: Settings, job_id: str, index: int) -> Non
     with session_scope(engine) as session:
         claim_item(session=session, item_id=item_id, worker="test-worker", lease_seconds=60, max_attempts=3)
     with session_scope(engine) as session:
-        succeed_item(session=session, item_id=item_id, worker="test-worker", output_key=key, output_sha256=sha256)
+        succeed_item(
+            session=session,
+            item_id=item_id,
+            worker="test-worker",
+            output_key=key,
+            output_sha256=sha256,
+            metrics={"identity_score": 0.8, "edit_scope": "global", "mask_fraction": 1.0},
+        )
 
 
 def test_requests_without_a_valid_key_are_unauthorized(client: TestClient) -> None:
@@ -158,7 +165,9 @@ def test_succeeded_item_has_a_result_url_and_job_shows_progress(
     items = client.get(f"/v1/jobs/{job_id}/items", headers=auth).json()["data"]
     assert items[0]["status"] == "succeeded" and items[0]["result_url"]
     assert items[0]["result_url"].endswith(output_key(job_id, 0))
+    assert items[0]["edit_scope"] == "global" and items[0]["mask_fraction"] == 1.0
     assert items[1]["status"] == "queued" and items[1]["result_url"] is None
+    assert items[1]["edit_scope"] is None and items[1]["mask_fraction"] is None
     job = client.get(f"/v1/jobs/{job_id}", headers=auth).json()
     assert job["status"] == "running" and job["progress"] == 0.5 and job["started_at"]
 

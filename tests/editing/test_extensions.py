@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -38,10 +39,10 @@ def conditioning(tiny_pipe):
     return image, latents, prompt, negative
 
 
-def run(pipe, image, mask=None, seed=5, steps=4, **options):
+def run(pipe, image, mask=None, seed=5, steps=4, instruction="put a red hat on it", **options):
     return pipe(
         image,
-        "put a red hat on it",
+        instruction,
         mask=mask,
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
@@ -217,38 +218,146 @@ def test_identity_branch_acts_only_inside_its_region(tiny_pipe, conditioning):
                 assert output[inside].abs().max() > 0, name
 
 
+DRAWS = 8
+
+
+@contextmanager
+def conditioning_confined_to(pipe, known: torch.Tensor, draws: int = DRAWS):
+    """The controlled local setting: while the automatic mask draws (one item, ``2·draws`` rows in one UNet call),
+    hard cross-attention masking confines the edit conditioning to the ``known`` (1, 1, h, w) latent region."""
+    control = CrossAttentionControl(
+        batch_size=draws, num_branches=2, edit_masks=mask_pyramid(known.repeat(draws, 1, 1, 1), *known.shape[-2:])
+    )
+    previous = pipe.unet.attn_processors
+    install_edit_processors(pipe.unet, control)
+    try:
+        yield
+    finally:
+        pipe.unet.set_attn_processor(previous)
+
+
+def known_latent_box(latents: torch.Tensor) -> torch.Tensor:
+    return (resize_mask(mask_to_tensor(box_mask())[None], tuple(latents.shape[-2:])) >= 0.5).float()
+
+
+def estimate(pipe, latents, prompt, negative, **options):
+    return estimate_edit_masks(
+        pipe.unet,
+        pipe.scheduler,
+        latents,
+        prompt,
+        negative,
+        latent_scale=pipe.vae.config.scaling_factor,
+        draws=options.pop("draws", DRAWS),
+        generator=torch.Generator().manual_seed(0),
+        **options,
+    )
+
+
 def test_automatic_mask_finds_where_the_edit_conditioning_can_act(tiny_pipe, conditioning):
     image, latents, prompt, negative = conditioning
-    known = resize_mask(mask_to_tensor(box_mask())[None], tuple(latents.shape[-2:]))
-    known = (known >= 0.5).float()
-    draws = 8
-    # The controlled setting: hard cross-attention masking confines the edit conditioning to the known region.
-    control = CrossAttentionControl(
-        batch_size=draws, num_branches=2, edit_masks=mask_pyramid(known.repeat(draws, 1, 1, 1), *latents.shape[-2:])
-    )
-    previous = tiny_pipe.unet.attn_processors
-    install_edit_processors(tiny_pipe.unet, control)
-    try:
-        estimated = estimate_edit_masks(
-            tiny_pipe.unet,
-            tiny_pipe.scheduler,
-            latents,
-            prompt,
-            negative,
-            latent_scale=tiny_pipe.vae.config.scaling_factor,
-            draws=draws,
-            generator=torch.Generator().manual_seed(0),
-        )
-    finally:
-        tiny_pipe.unet.set_attn_processor(previous)
+    known = known_latent_box(latents)
+    with conditioning_confined_to(tiny_pipe, known):
+        estimated = estimate(tiny_pipe, latents, prompt, negative).masks
     estimated, known = estimated[0, 0] > 0.5, known[0, 0] > 0.5
     iou = (estimated & known).sum() / (estimated | known).sum()
     assert iou >= 0.7, float(iou)
 
 
+def test_automatic_mask_can_be_empty_partial_or_full(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    # Empty: the edit conditioning is the null conditioning, so it changes the prediction nowhere.
+    empty = estimate(tiny_pipe, latents, negative, negative)
+    # Partial: the conditioning can act only inside a box.
+    with conditioning_confined_to(tiny_pipe, known_latent_box(latents)):
+        partial = estimate(tiny_pipe, latents, prompt, negative)
+    # Full: unconstrained, the conditioning acts about equally everywhere (a flat difference map).
+    full = estimate(tiny_pipe, latents, prompt, negative)
+    assert empty.fractions() == [0.0]
+    assert 0.1 < partial.fractions()[0] < 0.5
+    assert full.fractions() == [1.0]
+    assert full.spread[0] < 0.35 < partial.spread[0]
+
+
+def test_automatic_mask_in_chunks_equals_one_call(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    other = tiny_pipe.prepare_image_latents(tiny_pipe.image_processor.preprocess(gradient_image(*SIZE, 2.0)))
+    batch = (torch.cat([latents, other]), prompt.repeat(2, 1, 1), negative.repeat(2, 1, 1))
+    # A flat map is full whatever its details; min_spread 0 keeps the relative threshold in play.
+    one_call = estimate(tiny_pipe, *batch, draws=4, chunk=16, min_spread=0.0)
+    chunked = estimate(tiny_pipe, *batch, draws=4, chunk=3, min_spread=0.0)
+    torch.testing.assert_close(chunked.difference, one_call.difference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(chunked.masks, one_call.masks)
+    assert 0.0 < one_call.fractions()[0] < 1.0
+
+
+def test_automatic_mask_is_upsampled_smoothly(tiny_pipe):
+    latent = torch.zeros(1, 12, 16)
+    for row in range(12):
+        latent[0, row, : row + 2] = 1.0  # a staircase edge
+    values = np.asarray(tiny_pipe.item_masks([None], [latent], [SIZE])[0])
+    assert set(np.unique(values)) <= {0, 255}
+    mask = values > 127
+    blocks = mask.reshape(12, 8, 16, 8).transpose(0, 2, 1, 3).reshape(12, 16, 64)
+    mixed = (blocks.any(axis=-1) & ~blocks.all(axis=-1)).sum()
+    assert mixed >= 10  # the outline cuts through latent pixels instead of following their 8-pixel blocks
+
+
+def test_a_global_instruction_without_a_mask_edits_the_whole_image(tiny_pipe):
+    image = gradient_image(*SIZE)
+    source = np.asarray(image).astype(int)
+
+    def changed(out) -> float:
+        return float((np.abs(np.asarray(out.images[0]).astype(int) - source).max(axis=-1) > 0).mean())
+
+    # The tiny model's conditioning acts everywhere: the automatic estimate is flat, so the edit is global.
+    edited = run(tiny_pipe, image, instruction="make it look like a watercolor painting")
+    assert edited.edit_scopes == ["global"] and edited.mask_fractions == [1.0]
+    assert edited.masks == [None] and edited.preservation == [None]
+    assert changed(edited) >= 0.9
+    # Always confining the edit to the thresholded blob (the former behaviour) keeps most of the source.
+    blob = run(
+        tiny_pipe,
+        image,
+        instruction="make it look like a watercolor painting",
+        auto_mask={"mode": "always", "min_spread": 0.0},
+    )
+    assert blob.edit_scopes == ["local"] and 0.0 < blob.mask_fractions[0] < 0.5
+    assert changed(blob) < 0.9
+
+
+def test_the_estimated_local_edit_says_local(tiny_pipe, conditioning):
+    image, latents, prompt, negative = conditioning
+    with conditioning_confined_to(tiny_pipe, known_latent_box(latents)):
+        out = run(tiny_pipe, image, auto_mask={"draws": DRAWS, "chunk": 2 * DRAWS})
+    assert out.edit_scopes == ["local"]
+    estimated, known = np.asarray(out.masks[0]) > 127, np.asarray(box_mask()) > 127
+    assert out.mask_fractions[0] == pytest.approx(estimated.mean())
+    assert (estimated & known).sum() / (estimated | known).sum() >= 0.7
+    far = far_outside(out.masks[0], 3 * DEFAULT_SIGMA_MAX)
+    assert np.array_equal(np.asarray(out.images[0])[far], np.asarray(image)[far])
+
+
+def test_auto_mask_off_makes_an_unmasked_edit_global_and_a_masked_one_local(tiny_pipe):
+    image = gradient_image(*SIZE)
+    out = tiny_pipe(
+        [image, image],
+        ["add a hat", "add a hat"],
+        mask=[None, box_mask()],
+        num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+        auto_mask={"mode": "off"},
+        ie=False,
+    )
+    assert out.edit_scopes == ["global", "local"]
+    assert out.mask_fractions[0] == 1.0
+    assert out.mask_fractions[1] == pytest.approx((np.asarray(box_mask()) > 127).mean())
+    assert "auto_mask" not in out.timings
+
+
 def test_without_a_mask_the_automatic_mask_is_used_and_returned(tiny_pipe):
     image = gradient_image(*SIZE)
-    out = run(tiny_pipe, image, ie=False)
+    out = run(tiny_pipe, image, ie=False, auto_mask={"mode": "always"})
     mask = out.masks[0]
     assert mask is not None and mask.size == image.size and mask.mode == "L"
     values = np.asarray(mask)

@@ -51,6 +51,8 @@ class PaintingEditor:
                     mask=request.mask,
                     expressive_instruction=f"expressive: {request.instruction}",
                     identity_score=0.5,
+                    edit_scope="global" if request.mask is None else "local",
+                    mask_fraction=1.0 if request.mask is None else 0.25,
                     timings={"total": 0.01, "batch_size": float(len(requests))},
                 )
             )
@@ -150,6 +152,7 @@ def test_items_succeed_as_one_micro_batch_with_outputs_matching_the_database(ses
         assert output.getpixel((63, 47)) == source.getpixel((63, 47))
         assert item.expressive_instruction == f"expressive: edit {item.index}"
         assert item.metrics["identity_score"] == 0.5
+        assert item.metrics["edit_scope"] == "global" and item.metrics["mask_fraction"] == 1.0
     job = job_of(session_factory, job_id)
     assert job.status == "succeeded" and job.succeeded_count == 3
 
@@ -262,6 +265,8 @@ def test_the_results_manifest_is_written_when_the_job_ends(session_factory, stor
     assert lines[0]["output"] == f"jobs/{job_id}/0.png"
     assert lines[0]["sha256"] == hashlib.sha256(storage.get_bytes(lines[0]["output"])).hexdigest()
     assert lines[0]["expressive_instruction"] == "expressive: edit 0"
+    assert lines[0]["edit_scope"] == "global" and lines[0]["mask_fraction"] == 1.0
+    assert lines[1]["edit_scope"] is None
     with session_factory() as session:
         assert results_manifest_lines(session, job_id) == lines
 
@@ -284,6 +289,8 @@ def test_pipeline_editor_groups_by_batch_key_with_one_seeded_generator_per_item(
                 timings={"diffusion": 0.1},
                 identity_scores=[0.9] * len(images),
                 preservation=[None] * len(images),
+                edit_scopes=["global"] * len(images),
+                mask_fractions=[1.0] * len(images),
             )
 
     fast, slow = EditOptions(num_inference_steps=2), EditOptions(num_inference_steps=3, pfb=False)
@@ -301,4 +308,6 @@ def test_pipeline_editor_groups_by_batch_key_with_one_seeded_generator_per_item(
     expected = torch.Generator().manual_seed(2).initial_seed()
     assert [generator.initial_seed() for generator in first["generator"]] == [0, expected]
     assert [result.expressive_instruction for result in results] == ["x i0", "x i1", "x i2"]
+    assert [result.edit_scope for result in results] == ["global"] * 3
+    assert [result.mask_fraction for result in results] == [1.0] * 3
     assert results[0].timings["batch_size"] == 2.0

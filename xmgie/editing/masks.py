@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -37,6 +40,70 @@ def clean_binary_mask(mask: np.ndarray, min_fraction: float = 0.01) -> np.ndarra
     return mask
 
 
+def derived_generators(
+    generator: torch.Generator | list[torch.Generator] | None, purpose: str
+) -> torch.Generator | list[torch.Generator] | None:
+    """Fresh generators seeded from each given generator's seed and ``purpose``, on the same devices.
+
+    A stage that draws noise with these leaves the item's own generator untouched, so whether a neighbour in the
+    batch needed that stage cannot change the item's result; the same seed always gives the same draws.
+    """
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return [derived_generators(item, purpose) for item in generator]
+    digest = hashlib.sha256(f"{generator.initial_seed()}:{purpose}".encode()).digest()
+    return torch.Generator(device=generator.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass
+class EditMaskEstimate:
+    """What the automatic mask saw, per item.
+
+    Attributes:
+        masks: (B, 1, h, w) binary latent masks (1 = edit): empty, partial or full.
+        difference: (B, h, w) the guided noise-prediction difference averaged over channels and draws.
+        spread: per item, the difference map's standard deviation over its mean (0 for a zero map).
+    """
+
+    masks: torch.Tensor
+    difference: torch.Tensor
+    spread: list[float]
+
+    def fractions(self) -> list[float]:
+        """Per item, the fraction of the latent image inside the mask."""
+        return [float(value) for value in self.masks.flatten(1).mean(dim=1)]
+
+
+def threshold_difference_map(
+    difference: torch.Tensor,
+    *,
+    ratio: float = 3.0,
+    threshold: float = 0.5,
+    min_spread: float = 0.35,
+    reference: float = 1.0,
+) -> tuple[np.ndarray, float]:
+    """One item's (h, w) difference map to a binary mask, by DiffEdit's clamp relative to the mean; and its spread.
+
+    The map is clamped to ``ratio`` times its mean and divided by that, then thresholded at ``threshold`` (DiffEdit's
+    ``mask_thresholding_ratio`` and 0.5), so a pixel is edited where its difference exceeds ``ratio·threshold``
+    times the mean. Two cases the relative clamp cannot tell apart are decided first: a map that is zero up to
+    float rounding (mean below ``1e-6·reference``, the size of the noise prediction) means the conditioning acts
+    nowhere — an empty mask; a flat map, whose spread (standard deviation over mean) is below ``min_spread`` or
+    where no pixel passes the threshold, means it acts about equally everywhere — a full mask.
+    """
+    values = difference.double().cpu().numpy()
+    mean = float(values.mean())
+    if mean <= 1e-6 * reference:
+        return np.zeros(values.shape, dtype=bool), 0.0
+    spread = float(values.std()) / mean
+    clamp = ratio * mean
+    selected = np.clip(values, 0.0, clamp) / clamp > threshold
+    if spread < min_spread or not selected.any():
+        return np.ones(values.shape, dtype=bool), spread
+    return clean_binary_mask(selected), spread
+
+
 @torch.no_grad()
 def estimate_edit_masks(
     unet,
@@ -49,18 +116,27 @@ def estimate_edit_masks(
     generator: torch.Generator | list[torch.Generator] | None,
     draws: int = 8,
     strength: float = 0.5,
+    ratio: float = 3.0,
     threshold: float = 0.5,
-) -> torch.Tensor:
-    """Where the edit conditioning changes the model's noise prediction: (B, 1, h, w) binary latent masks.
+    min_spread: float = 0.35,
+    guidance_scale: float = 7.5,
+    chunk: int = 16,
+) -> EditMaskEstimate:
+    """Where the edit conditioning changes the model's noise prediction: binary latent masks, one per item.
 
-    DiffEdit's recipe on InstructPix2Pix: the source latent is noised to ``strength`` of the training
-    schedule with ``draws`` noises; the UNet predicts the noise with the edit conditioning and with the
-    null conditioning (both seeing the source image); the absolute difference, averaged over channels and
-    draws, is scaled between its minimum and maximum per item, thresholded and cleaned. ``image_latents`` are the
-    unscaled source latents InstructPix2Pix conditions on; ``latent_scale`` is the VAE's scaling factor.
+    DiffEdit's recipe (diffusers' ``StableDiffusionDiffEditPipeline.generate_mask``) on InstructPix2Pix: the
+    source latent is noised to ``strength`` of the training schedule with ``draws`` noises; the UNet predicts the
+    noise with the edit conditioning and with the null conditioning, both seeing the source image. The guided
+    predictions differ by ``guidance_scale·(ε_edit − ε_null)``; its magnitude, averaged over channels and draws, is
+    thresholded per item by :func:`threshold_difference_map`. The ``2·draws·B`` rows go through the UNet ``chunk``
+    rows at a time (the same result as one call, in bounded memory). ``image_latents`` are the unscaled source
+    latents InstructPix2Pix conditions on; ``latent_scale`` is the VAE's scaling factor. Each item's draws come
+    from its own generator in ``generator`` (a list, one per item), so its mask does not depend on its neighbours.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     batch = image_latents.shape[0]
     device, dtype = image_latents.device, unet.dtype
     source = image_latents.to(dtype) * latent_scale
@@ -71,15 +147,31 @@ def estimate_edit_masks(
     noisy = torch.cat([(alpha.sqrt() * source.float() + (1 - alpha).sqrt() * n.float()).to(dtype) for n in noises])
     model_input = torch.cat([torch.cat([noisy, noisy]), image_latents.to(dtype).repeat(2 * draws, 1, 1, 1)], dim=1)
     conditioning = torch.cat([prompt_embeds.repeat(draws, 1, 1), negative_prompt_embeds.repeat(draws, 1, 1)])
-    noise_pred = unet(model_input, timestep, encoder_hidden_states=conditioning.to(dtype), return_dict=False)[0]
-    edit, null = noise_pred.float().chunk(2)
-    difference = (edit - null).abs().mean(dim=1).view(draws, batch, *edit.shape[-2:]).mean(dim=0)
+    conditioning = conditioning.to(device=device, dtype=dtype)
+    predictions = [
+        unet(
+            model_input[start : start + chunk],
+            timestep,
+            encoder_hidden_states=conditioning[start : start + chunk],
+            return_dict=False,
+        )[0].float()
+        for start in range(0, model_input.shape[0], chunk)
+    ]
+    edit, null = torch.cat(predictions).chunk(2)
+    guided = guidance_scale * (edit - null)
+    difference = guided.abs().mean(dim=1).view(draws, batch, *edit.shape[-2:]).mean(dim=0)
+    reference = null.abs().mean(dim=(1, 2, 3)).view(draws, batch).mean(dim=0)
 
-    masks = []
-    for item in difference.cpu().numpy():
-        # Min-max scaling: the UNet's receptive field leaves a floor of difference everywhere, so the
-        # threshold is taken between the floor and the peak rather than between zero and the peak.
-        span = item.max() - item.min()
-        scaled = (item - item.min()) / span if span > 0 else np.zeros_like(item)
-        masks.append(clean_binary_mask(scaled >= threshold))
-    return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(device)
+    masks, spread = [], []
+    for row in range(batch):
+        mask, item_spread = threshold_difference_map(
+            difference[row],
+            ratio=ratio,
+            threshold=threshold,
+            min_spread=min_spread,
+            reference=float(reference[row]),
+        )
+        masks.append(mask)
+        spread.append(item_spread)
+    masks_tensor = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)).to(device)
+    return EditMaskEstimate(masks=masks_tensor, difference=difference, spread=spread)

@@ -50,6 +50,7 @@ PFB_LEVEL_DENOMINATORS = (1, 2, 4, 8, 16, 32, 64)
 CAM_MODES = ("hard", "soft")
 IE_REFERENCES = ("source", "outside_mask", "image")
 IE_REGIONS = (None, "outside_mask", "inside_mask")
+AUTO_MASK_MODES = ("auto", "always", "off")
 UNET_BLOCKS = (
     "mid_block",
     "up_blocks.0",
@@ -66,6 +67,11 @@ UNET_BLOCKS = (
 def _check_number(name: str, value: Any, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise _invalid(name, value, f"a number in [{low}, {high}]")
+
+
+def _check_integer(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _invalid(name, value, f"an integer in [{low}, {high}]")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -199,26 +205,50 @@ class GBOptions:
 
 @dataclass(frozen=True)
 class AutoMaskOptions:
-    """Automatic mask when the item has none: DiffEdit-style difference of noise predictions.
+    """The edit's scope when the item has no mask, and the automatic mask (DiffEdit's recipe) that decides it.
 
     Attributes:
-        enabled: switch; without a mask and with this off, the extensions have no region to act on.
+        enabled: ``False`` is ``mode="off"``.
+        mode: ``auto`` — estimate a mask; the edit is ``local`` to it, or ``global`` (PFB, CAM and GB off) when
+            the estimate covers ``global_fraction`` of the image or more, is empty, or comes from a flat
+            difference map; ``always`` — always edit inside the estimated mask, whatever it covers; ``off`` — no
+            estimate: without a mask the edit is global.
         draws: noise draws averaged.
         strength: noise level of the draws, as a fraction of the training schedule.
-        threshold: fraction of the largest difference above which a pixel is edited.
+        ratio: the difference map is clamped to ``ratio`` times its mean (DiffEdit's ``mask_thresholding_ratio``).
+        threshold: fraction of the clamp above which a pixel is edited (a pixel is edited where its difference
+            exceeds ``ratio·threshold`` times the mean).
+        min_spread: a difference map whose standard deviation is below this fraction of its mean is flat: the
+            edit acts about equally everywhere and the mask is full.
+        global_fraction: in ``auto`` mode, masks covering at least this fraction of the image make the edit global.
+        chunk: UNet rows per call while drawing (the draws take ``2·draws`` rows per item).
     """
 
     enabled: bool = True
+    mode: str = "auto"
     draws: int = 8
     strength: float = 0.5
+    ratio: float = 3.0
     threshold: float = 0.5
+    min_spread: float = 0.35
+    global_fraction: float = 0.6
+    chunk: int = 16
 
     def __post_init__(self) -> None:
         _check_flag("auto_mask.enabled", self.enabled)
-        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or not 1 <= self.draws <= 32:
-            raise _invalid("auto_mask.draws", self.draws, "an integer in [1, 32]")
+        _check_choice("auto_mask.mode", self.mode, AUTO_MASK_MODES)
+        # One spelling per meaning, so that equal options give equal batch keys.
+        if not self.enabled:
+            object.__setattr__(self, "mode", "off")
+        elif self.mode == "off":
+            object.__setattr__(self, "enabled", False)
+        _check_integer("auto_mask.draws", self.draws, 1, 32)
         _check_number("auto_mask.strength", self.strength, 0.05, 1.0)
+        _check_number("auto_mask.ratio", self.ratio, 0.1, 100.0)
         _check_number("auto_mask.threshold", self.threshold, 0.01, 0.99)
+        _check_number("auto_mask.min_spread", self.min_spread, 0.0, 10.0)
+        _check_number("auto_mask.global_fraction", self.global_fraction, 0.01, 1.0)
+        _check_integer("auto_mask.chunk", self.chunk, 1, 1024)
 
 
 EXTENSION_GROUPS: dict[str, type] = {

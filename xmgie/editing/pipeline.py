@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -29,7 +30,7 @@ from xmgie.editing.edit_head import EditMapper
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.identity import IdentityAdapter, encode_identity, identity_score
 from xmgie.editing.images import check_instruction, mask_to_tensor, to_working_size
-from xmgie.editing.masks import estimate_edit_masks, mask_pyramid
+from xmgie.editing.masks import derived_generators, estimate_edit_masks, mask_pyramid
 from xmgie.editing.mllm import DEFAULT_MLLM_BATCH_SIZE, MAX_NEW_TOKENS, generate_expressive_instructions
 from xmgie.editing.options import (
     DEFAULT_GUIDANCE_SCALE,
@@ -62,6 +63,10 @@ class XMGIEPipelineOutput(BaseOutput):
         identity_scores: per item, cosine similarity of the identity encoder's embeddings of source and output
             (``None`` when identity embeddings were off or unavailable).
         preservation: per item with a mask, PSNR and L1 between source and output outside the mask.
+        edit_scopes: per item, ``"local"`` (the edit was confined to its mask) or ``"global"`` (the whole image:
+            no mask, or an automatic estimate that the edit is everywhere; PFB, CAM and GB were off for it).
+        mask_fractions: per item, the fraction of the image inside the mask the edit was confined to (1.0 when
+            global).
     """
 
     images: list
@@ -71,6 +76,8 @@ class XMGIEPipelineOutput(BaseOutput):
     peak_memory: dict[str, int] = field(default_factory=dict)
     identity_scores: list[float | None] = field(default_factory=list)
     preservation: list[dict[str, float] | None] = field(default_factory=list)
+    edit_scopes: list[str] = field(default_factory=list)
+    mask_fractions: list[float] = field(default_factory=list)
 
 
 class XMGIEPipeline(DiffusionPipeline):
@@ -381,8 +388,13 @@ class XMGIEPipeline(DiffusionPipeline):
         if use_pfb:
             latent_masks = resize_mask(edit_masks.to(device=device, dtype=torch.float32), latent_size).to(latent_dtype)
             if reference is None:
+                # Its own generators: whether a batch neighbour needs a reference branch must not move an item's
+                # noise.
                 reference = self.prepare_reference_latents(
-                    source_image_latents.to(latent_dtype), negative_prompt_embeds, pfb.reference, generator
+                    source_image_latents.to(latent_dtype),
+                    negative_prompt_embeds,
+                    pfb.reference,
+                    derived_generators(generator, "pfb"),
                 )
             blended_steps = round(pfb.latent_blend_fraction * len(self.scheduler.timesteps))
             blender = FeatureBlender(
@@ -538,17 +550,21 @@ class XMGIEPipeline(DiffusionPipeline):
     def item_masks(
         self,
         masks: list[PIL.Image.Image | None],
-        auto_masks: torch.Tensor | None,
+        auto_masks: list[torch.Tensor | None],
         sizes: list[tuple[int, int]],
     ) -> list[PIL.Image.Image | None]:
-        """Each item's hard mask at ``sizes[i]``: the user's, else the automatic one (upsampled), else ``None``."""
+        """Each item's hard mask at ``sizes[i]``: the user's, else its (1, h, w) automatic latent mask, else ``None``.
+
+        The latent mask is upsampled bilinearly and thresholded at 0.5, so its outline is smooth rather than made of
+        one block per latent pixel.
+        """
         result: list[PIL.Image.Image | None] = []
-        for row, (mask, size) in enumerate(zip(masks, sizes, strict=True)):
+        for mask, latent, size in zip(masks, auto_masks, sizes, strict=True):
             if mask is not None:
                 result.append(mask if mask.size == size else mask.resize(size, PIL.Image.Resampling.BILINEAR))
-            elif auto_masks is not None:
-                latent = (auto_masks[row, 0].float().cpu().numpy() * 255).astype("uint8")
-                result.append(PIL.Image.fromarray(latent, "L").resize(size, PIL.Image.Resampling.NEAREST))
+            elif latent is not None:
+                upsampled = resize_mask(latent[None].float().cpu(), (size[1], size[0]))[0, 0] >= 0.5
+                result.append(PIL.Image.fromarray(upsampled.numpy().astype(np.uint8) * 255, "L"))
             else:
                 result.append(None)
         return result
@@ -608,7 +624,14 @@ class XMGIEPipeline(DiffusionPipeline):
             else:
                 references.append(image)
                 regions.append(None)
-        embeds = encode_identity(self.image_encoder, self.feature_extractor, references, regions)
+        # One item at a time: a batched encoder call rounds differently, and an item's tokens must not depend on
+        # its neighbours.
+        embeds = torch.cat(
+            [
+                encode_identity(self.image_encoder, self.feature_extractor, [reference], [region])
+                for reference, region in zip(references, regions, strict=True)
+            ]
+        )
         embeds = embeds.to(device=self._execution_device, dtype=self.identity_adapter.dtype)
         return self.identity_adapter.tokens(embeds)
 
@@ -688,6 +711,8 @@ class XMGIEPipeline(DiffusionPipeline):
         used_masks: list[PIL.Image.Image | None] = [None] * len(images)
         identity_scores: list[float | None] = [None] * len(images)
         preservation: list[dict[str, float] | None] = [None] * len(images)
+        edit_scopes: list[str] = ["global"] * len(images)
+        mask_fractions: list[float] = [1.0] * len(images)
         for indices in groups.values():
             group_generator = [generator[i] for i in indices] if isinstance(generator, list) else generator
             group_size = working[indices[0]].size
@@ -697,31 +722,52 @@ class XMGIEPipeline(DiffusionPipeline):
                 pixels = torch.cat([self.image_processor.preprocess(working[i]) for i in indices])
                 image_latents = self.prepare_image_latents(pixels)
 
-            # 5. Masks: the user's, else estimated from the model; softened by GB
-            group_masks = [masks[i] for i in indices]
-            auto = None
-            if wants_mask and auto_mask.enabled and any(m is None for m in group_masks):
+            # 5. Masks and edit scope: a used mask makes the edit local; without one, auto_mask.mode decides
+            group_masks = [masks[i] for i in indices] if wants_mask else [None] * len(indices)
+            missing = [row for row, m in enumerate(group_masks) if m is None]
+            auto: list[torch.Tensor | None] = [None] * len(indices)
+            if wants_mask and auto_mask.mode != "off" and missing:
                 with self._timed(timings, "auto_mask", peak_memory):
-                    auto = estimate_edit_masks(
+                    rows = [indices[row] for row in missing]
+                    # Draws from generators of their own, only for the rows that need them: an item's noise and
+                    # result never depend on whether its neighbours brought a mask.
+                    mask_generator = derived_generators(
+                        [group_generator[row] for row in missing]
+                        if isinstance(group_generator, list)
+                        else group_generator,
+                        "auto_mask",
+                    )
+                    estimate = estimate_edit_masks(
                         self.unet,
                         self.scheduler,
-                        image_latents,
-                        prompt_embeds[indices],
-                        negative_prompt_embeds[indices],
+                        image_latents[missing],
+                        prompt_embeds[rows],
+                        negative_prompt_embeds[rows],
                         latent_scale=self.vae.config.scaling_factor,
-                        generator=group_generator,
+                        generator=mask_generator,
                         draws=auto_mask.draws,
                         strength=auto_mask.strength,
+                        ratio=auto_mask.ratio,
                         threshold=auto_mask.threshold,
+                        min_spread=auto_mask.min_spread,
+                        guidance_scale=max(guidance_scale, 1.0),
+                        chunk=auto_mask.chunk,
                     )
+                for position, (row, fraction) in enumerate(zip(missing, estimate.fractions(), strict=True)):
+                    if auto_mask.mode == "always" or 0.0 < fraction < auto_mask.global_fraction:
+                        auto[row] = estimate.masks[position]
+            scopes = [
+                "local" if mask is not None or latent is not None else "global"
+                for mask, latent in zip(group_masks, auto, strict=True)
+            ]
             working_masks = self.item_masks(group_masks, auto, [group_size] * len(indices))
-            have_masks = wants_mask and any(m is not None for m in working_masks)
-            # An item without a mask in a group with masks is edited everywhere (a full mask changes nothing).
-            working_masks = [m if m is not None else PIL.Image.new("L", group_size, 255) for m in working_masks]
+            have_masks = "local" in scopes
+            # A global item in a group with masks gets a full mask: PFB, CAM and GB then change nothing for it.
+            full_masks = [m if m is not None else PIL.Image.new("L", group_size, 255) for m in working_masks]
             input_masks = self.item_masks(group_masks, auto, [images[i].size for i in indices])
             edit_masks, input_soft_masks = self.soft_masks(input_masks, group_size, gb) if have_masks else (None, None)
 
-            # 6. Identity tokens
+            # 6. Identity tokens (IE applies to global items too, over the whole image)
             identity_tokens = identity_regions = None
             if use_ie:
                 with self._timed(timings, "identity", peak_memory):
@@ -729,8 +775,9 @@ class XMGIEPipeline(DiffusionPipeline):
                         [working[i] for i in indices], working_masks, [identity_images[i] for i in indices], ie
                     )
                 if ie.region is not None and have_masks:
-                    hard = torch.stack([mask_to_tensor(m) for m in working_masks]).to(self._execution_device)
+                    hard = torch.stack([mask_to_tensor(m) for m in full_masks]).to(self._execution_device)
                     identity_regions = hard if ie.region == "inside_mask" else 1 - hard
+                    identity_regions[[row for row, scope in enumerate(scopes) if scope == "global"]] = 1.0
 
             # 7. Denoising loop
             with self._timed(timings, "diffusion", peak_memory):
@@ -754,7 +801,9 @@ class XMGIEPipeline(DiffusionPipeline):
 
             # 8. Post-process at each input's size; GB composites the edit onto the source
             for row, i in enumerate(indices):
-                used_masks[i] = input_masks[row] if have_masks else None
+                used_masks[i] = input_masks[row]
+                edit_scopes[i] = scopes[row]
+                mask_fractions[i] = 1.0 if used_masks[i] is None else float(np.asarray(used_masks[i]).mean() / 255)
             if output_type == "latent":
                 for row, i in enumerate(indices):
                     outputs[i] = latents[row]
@@ -792,4 +841,6 @@ class XMGIEPipeline(DiffusionPipeline):
             peak_memory=peak_memory,
             identity_scores=identity_scores,
             preservation=preservation,
+            edit_scopes=edit_scopes,
+            mask_fractions=mask_fractions,
         )

@@ -498,6 +498,8 @@ def write_outputs(
                 "expressive_instruction": item.expressive_instruction,
                 "identity_score": metrics.get("identity_score"),
                 "preservation": metrics.get("preservation"),
+                "edit_scope": metrics.get("edit_scope"),
+                "mask_fraction": metrics.get("mask_fraction"),
                 "attempts": item.attempts,
                 "error_code": item.error_code,
                 "error_message": item.error_message,

@@ -60,6 +60,8 @@ class EditResult:
         expressive_instruction: the MLLM's expressive instruction, or ``None`` when there is none.
         identity_score: cosine similarity of identity embeddings of source and output, or ``None``.
         preservation: PSNR and L1 between source and output outside the mask, or ``None`` without a mask.
+        edit_scope: ``"local"`` (confined to the mask) or ``"global"`` (the whole image), or ``None`` when unknown.
+        mask_fraction: the fraction of the image inside the mask the edit was confined to (1.0 when global).
         timings: seconds per stage of the call the item was part of, plus ``batch_size`` (items in that call).
     """
 
@@ -68,6 +70,8 @@ class EditResult:
     expressive_instruction: str | None = None
     identity_score: float | None = None
     preservation: dict[str, float] | None = None
+    edit_scope: str | None = None
+    mask_fraction: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -159,6 +163,8 @@ class PipelineEditor:
                     expressive_instruction=out.expressive_instructions[row],
                     identity_score=_optional(out.identity_scores, row),
                     preservation=_optional(out.preservation, row),
+                    edit_scope=_optional(out.edit_scopes, row),
+                    mask_fraction=_optional(out.mask_fractions, row),
                     timings=dict(timings),
                 )
         return [result for result in results if result is not None]

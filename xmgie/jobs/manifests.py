@@ -35,6 +35,8 @@ def results_manifest_lines(session: Session, job_id: uuid.UUID) -> list[dict[str
                 "expressive_instruction": item.expressive_instruction,
                 "identity_score": metrics.get("identity_score"),
                 "preservation": metrics.get("preservation"),
+                "edit_scope": metrics.get("edit_scope"),
+                "mask_fraction": metrics.get("mask_fraction"),
                 "attempts": item.attempts,
                 "error_code": item.error_code,
                 "error_message": item.error_message,

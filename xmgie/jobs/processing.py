@@ -489,7 +489,12 @@ def _record(
         return ItemOutcome(entry.id, SKIPPED, entry.job_id, entry.index)
     except Exception as error:  # noqa: BLE001 - a write failure is retried like any transient failure
         return _fail(session_factory, entry, worker, settings, STORAGE_ERROR, _describe(error), retry=True)
-    metrics = {"identity_score": result.identity_score, "preservation": result.preservation}
+    metrics = {
+        "identity_score": result.identity_score,
+        "preservation": result.preservation,
+        "edit_scope": result.edit_scope,
+        "mask_fraction": result.mask_fraction,
+    }
     timings = {**result.timings, "load": round(entry.load_seconds, 4)}
 
     def succeed(session: Session) -> None:

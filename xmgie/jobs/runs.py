@@ -311,6 +311,8 @@ def _metadata_rows(session: Session, schedule_id: uuid.UUID) -> list[dict[str, A
             "identity_score": metrics.get("identity_score"),
             "preservation_psnr": preservation.get("psnr"),
             "preservation_l1": preservation.get("l1"),
+            "edit_scope": metrics.get("edit_scope"),
+            "mask_fraction": metrics.get("mask_fraction"),
             "run_id": str(augmentation.run_id),
             "slot": slot.isoformat(),
         }
