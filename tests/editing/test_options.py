@@ -38,6 +38,30 @@ def test_invalid_values_name_the_option(field, value):
     assert field in error.value.message
 
 
+@pytest.mark.parametrize(
+    "auto_mask, name",
+    [
+        ({"mode": "sometimes"}, "auto_mask.mode"),
+        ({"chunk": 0}, "auto_mask.chunk"),
+        ({"ratio": 0}, "auto_mask.ratio"),
+        ({"global_fraction": 1.5}, "auto_mask.global_fraction"),
+        ({"min_spread": -1}, "auto_mask.min_spread"),
+    ],
+)
+def test_invalid_auto_mask_options_name_the_option(auto_mask, name):
+    with pytest.raises(EditInputError) as error:
+        EditOptions.from_dict({"auto_mask": auto_mask})
+    assert error.value.code == "invalid_option" and name in error.value.message
+
+
+def test_auto_mask_off_has_one_spelling():
+    off = EditOptions.from_dict({"auto_mask": {"mode": "off"}})
+    assert off.auto_mask == EditOptions(auto_mask=False).auto_mask
+    assert off.auto_mask.enabled is False and EditOptions(auto_mask=False).auto_mask.mode == "off"
+    assert EditOptions().auto_mask.mode == "auto"
+    assert EditOptions.from_dict(off.to_dict()) == off
+
+
 def test_unknown_option_is_refused_not_ignored():
     with pytest.raises(EditInputError, match="guidence_scale"):
         EditOptions.from_dict({"guidence_scale": 3.0})
