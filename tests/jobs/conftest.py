@@ -13,6 +13,7 @@ from tests.jobs.databases import POSTGRES_SERVER_URL, fresh_postgres_database, p
 from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Tenant
+from xmgie.jobs.storage import LocalStorage
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +58,24 @@ def tenant_id(migrated_engine: Engine) -> uuid.UUID:
         session.add(tenant)
         session.commit()
         return tenant.id
+
+
+@pytest.fixture(scope="module")
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A migrated SQLite database of the test module's own, for the processing tests that run the worker loop."""
+    url = f"sqlite:///{tmp_path_factory.mktemp(request.module.__name__.rsplit('.', 1)[-1]) / 'jobs.db'}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: Engine):
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def storage(tmp_path) -> LocalStorage:
+    """A storage folder of the test's own (modules testing several backends define their own ``storage``)."""
+    return LocalStorage(tmp_path / "storage")

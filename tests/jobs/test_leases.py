@@ -16,35 +16,14 @@ from sqlalchemy.exc import OperationalError
 from tests.conftest import gradient_image
 from tests.jobs.test_processing import WORKER, PaintingEditor, items_of, make_job, png
 from xmgie.jobs import transitions
-from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import EditRequest, EditResult
 from xmgie.jobs.leases import LeaseHeartbeat
-from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Item, utc_now
 from xmgie.jobs.processing import process_items
 from xmgie.jobs.settings import Settings
-from xmgie.jobs.storage import LocalStorage, output_key
+from xmgie.jobs.storage import output_key
 
 LEASE_SECONDS = 1
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('leases') / 'jobs.db'}"
-    upgrade_database(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def session_factory(engine: Engine):
-    return make_session_factory(engine)
-
-
-@pytest.fixture
-def storage(tmp_path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
 
 
 @pytest.fixture

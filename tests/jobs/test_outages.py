@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from PIL import Image
@@ -14,9 +13,8 @@ from sqlalchemy import Engine, select
 
 from tests.services import free_port
 from xmgie.jobs import processing, transitions
-from xmgie.jobs.db import is_database_unavailable, make_engine, make_session_factory, retry_while_unavailable
+from xmgie.jobs.db import is_database_unavailable, make_engine, retry_while_unavailable
 from xmgie.jobs.editor import NoOpEditor
-from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Item, Tenant, utc_now
 from xmgie.jobs.processing import DEFERRED, StorageDeferral, process_items
 from xmgie.jobs.settings import Settings
@@ -57,20 +55,6 @@ class CountingEditor(NoOpEditor):
     def edit(self, requests):
         self.edited += len(requests)
         return super().edit(requests)
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('outages') / 'jobs.db'}"
-    upgrade_database(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def session_factory(engine: Engine):
-    return make_session_factory(engine)
 
 
 @pytest.fixture

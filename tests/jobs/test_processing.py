@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -18,10 +17,8 @@ from tests.conftest import gradient_image
 from xmgie.editing.options import EditOptions
 from xmgie.editing.pipeline import XMGIEPipeline
 from xmgie.jobs import transitions
-from xmgie.jobs.db import make_engine, make_session_factory
 from xmgie.jobs.editor import EditRequest, EditResult, PipelineEditor
 from xmgie.jobs.manifests import results_manifest_lines
-from xmgie.jobs.migrate import upgrade_database
 from xmgie.jobs.models import Item, Job, Tenant
 from xmgie.jobs.processing import process_items
 from xmgie.jobs.settings import Settings
@@ -57,25 +54,6 @@ class PaintingEditor:
                 )
             )
         return results
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('processing') / 'jobs.db'}"
-    upgrade_database(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def session_factory(engine: Engine):
-    return make_session_factory(engine)
-
-
-@pytest.fixture
-def storage(tmp_path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
 
 
 @pytest.fixture

@@ -248,6 +248,25 @@ def _held_by(worker: str) -> list[ColumnElement[bool]]:
     return [Item.status == ItemStatus.RUNNING.value, Item.lease_owner == worker]
 
 
+def _leave_running(
+    session: Session,
+    job: Job,
+    item_id: uuid.UUID,
+    worker: str,
+    target: ItemStatus,
+    values: dict[str, Any],
+    now: datetime,
+) -> Item:
+    """Move the running item ``worker`` holds to ``target`` with ``values``, counting it in its (locked) job.
+    Raises ``LeaseLostError`` unless ``worker`` holds the lease."""
+    item = _update_item(session, item_id, _held_by(worker), values)
+    if item is None:
+        raise LeaseLostError(f"worker {worker!r} does not hold item {item_id}")
+    _move_counts(job, ItemStatus.RUNNING, target)
+    _refresh_job_status(session, job, now)
+    return item
+
+
 def succeed_item(
     *,
     session: Session,
@@ -277,12 +296,7 @@ def succeed_item(
         "error_message": None,
         "finished_at": now,
     }
-    item = _update_item(session, item_id, _held_by(worker), result)
-    if item is None:
-        raise LeaseLostError(f"worker {worker!r} does not hold item {item_id}")
-    _move_counts(job, ItemStatus.RUNNING, ItemStatus.SUCCEEDED)
-    _refresh_job_status(session, job, now)
-    return item
+    return _leave_running(session, job, item_id, worker, ItemStatus.SUCCEEDED, result, now)
 
 
 def fail_item(
@@ -322,12 +336,7 @@ def fail_item(
         "error_message": message,
         "finished_at": now if target.is_terminal() else None,
     }
-    item = _update_item(session, item_id, _held_by(worker), outcome)
-    if item is None:
-        raise LeaseLostError(f"worker {worker!r} does not hold item {item_id}")
-    _move_counts(job, ItemStatus.RUNNING, target)
-    _refresh_job_status(session, job, now)
-    return item
+    return _leave_running(session, job, item_id, worker, target, outcome, now)
 
 
 def defer_item(
@@ -357,12 +366,7 @@ def defer_item(
         "error_message": message,
         "finished_at": now if target.is_terminal() else None,
     }
-    item = _update_item(session, item_id, _held_by(worker), outcome)
-    if item is None:
-        raise LeaseLostError(f"worker {worker!r} does not hold item {item_id}")
-    _move_counts(job, ItemStatus.RUNNING, target)
-    _refresh_job_status(session, job, now)
-    return item
+    return _leave_running(session, job, item_id, worker, target, outcome, now)
 
 
 def renew_leases(
@@ -392,12 +396,7 @@ def cancel_item(*, session: Session, item_id: uuid.UUID, worker: str, now: datet
     now = now or utc_now()
     job = _lock_job_of_item(session, item_id, now)
     canceled = {"status": ItemStatus.CANCELED.value, "lease_expires_at": None, "finished_at": now}
-    item = _update_item(session, item_id, _held_by(worker), canceled)
-    if item is None:
-        raise LeaseLostError(f"worker {worker!r} does not hold item {item_id}")
-    _move_counts(job, ItemStatus.RUNNING, ItemStatus.CANCELED)
-    _refresh_job_status(session, job, now)
-    return item
+    return _leave_running(session, job, item_id, worker, ItemStatus.CANCELED, canceled, now)
 
 
 def cancel_job(
