@@ -31,7 +31,7 @@ def test_the_app_follows_the_processing_rules():
     assert conf.task_routes[EDIT_ITEMS_TASK] == {"queue": "gpu"}
     assert conf.task_routes[RECONCILE_TASK] == {"queue": "default"}
     assert conf.beat_schedule["reconcile"]["task"] == RECONCILE_TASK
-    assert conf.beat_schedule["reconcile"]["schedule"] == Settings().reconcile_seconds == 60.0
+    assert conf.beat_schedule["reconcile"]["schedule"] == Settings().reconcile_seconds == 10.0
     assert conf.beat_schedule["dispatch-schedules"]["schedule"] == Settings().schedule_tick_seconds
 
 

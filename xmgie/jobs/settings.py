@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     attempt (each time after a longer pause: about 20 minutes in all by default) before such failures count."""
 
     # Periodic work (``xmgie beat``) and webhooks.
-    reconcile_seconds: float = Field(default=60.0, gt=0)
+    reconcile_seconds: float = Field(default=10.0, gt=0)
     schedule_tick_seconds: float = Field(default=30.0, gt=0)
     webhook_secret: str | None = None
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
