@@ -93,6 +93,8 @@ class XMGIEPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]): any diffusers scheduler; Euler-ancestral in the released model.
         image_encoder ([`~transformers.CLIPVisionModelWithProjection`], optional): identity encoder (IE).
         identity_adapter ([`IdentityAdapter`], optional): IP-Adapter-style identity projections (IE).
+        max_working_side (`int`, optional): the largest long side the model edits at (the size it was trained
+            at); a larger ``max_side`` is lowered to it. Saved in ``model_index.json``.
     """
 
     model_cpu_offload_seq = "mllm->edit_head->image_encoder->identity_adapter->unet->vae"
@@ -117,6 +119,7 @@ class XMGIEPipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
         image_encoder=None,
         identity_adapter: IdentityAdapter | None = None,
+        max_working_side: int | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -130,6 +133,8 @@ class XMGIEPipeline(DiffusionPipeline):
             image_encoder=image_encoder,
             identity_adapter=identity_adapter,
         )
+        # A model trained at one size edits at most at that size (``mini``: 64 px); ``None``: no limit.
+        self.register_to_config(max_working_side=max_working_side)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -667,7 +672,8 @@ class XMGIEPipeline(DiffusionPipeline):
                 ``auto_mask`` is on, a mask is estimated from the model and returned in the output.
             num_inference_steps, guidance_scale, image_guidance_scale: as in InstructPix2Pix.
             generator: one generator, or one per image so that each item's result depends on its seed only.
-            max_side: the long side the model works at; results come back at each input's size.
+            max_side: the long side the model works at (at most the model's ``max_working_side``, when it has
+                one); results come back at each input's size.
             max_new_tokens: the MLLM's generation budget.
             pfb, cam, ie, gb, auto_mask: the extensions' options (``True``/``False`` for defaults/off).
                 IE needs a model with an image encoder and an identity adapter; without them it is skipped.
@@ -702,6 +708,8 @@ class XMGIEPipeline(DiffusionPipeline):
         )
 
         # 3. Working sizes: items of the same size share a batched diffusion call
+        if self.config.get("max_working_side"):
+            max_side = min(max_side, self.config.max_working_side)
         working = [to_working_size(item, max_side=max_side) for item in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(working):

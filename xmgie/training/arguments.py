@@ -14,7 +14,12 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
     train = commands.add_parser(
         "train", help="train a model directory with MGIE's objective on a paired folder (accelerate launch works)"
     )
-    train.add_argument("--data", type=Path, required=True, help="folder with metadata.jsonl (source, target, ...)")
+    train.add_argument("--data", type=Path, help="folder with metadata.jsonl (source, target, ...)")
+    train.add_argument(
+        "--recipe",
+        help="build and train a model from nothing by a recipe: a bundled name (mini) or a JSON file; "
+        "writes OUTPUT/data, OUTPUT/init and OUTPUT/model (the other training options come from the recipe)",
+    )
     train.add_argument("--output-dir", type=Path, required=True, help="the trained model directory (+ checkpoints/)")
     train.add_argument("--model", default="tiny", help="model directory to start from, or 'tiny' (default)")
     train.add_argument("--cache-dir", type=Path, default=default_cache_dir, help="where the tiny preset is written")
@@ -63,6 +68,16 @@ def run_train(args: argparse.Namespace) -> int:
     """``xmgie train``: one training run; prints where the model went."""
     from xmgie.training.trainer import TrainingConfig, train
 
+    if args.recipe is not None:
+        from xmgie.training.recipe import run_recipe
+
+        model = run_recipe(args.recipe, args.output_dir, resume=args.resume, progress=not args.no_progress)
+        print(f"trained by recipe {args.recipe}; model directory: {model}")
+        return 0
+    if args.data is None:
+        from xmgie.editing.errors import EditInputError
+
+        raise EditInputError("invalid_option", "xmgie train needs --data FOLDER (a paired folder) or --recipe NAME")
     config = TrainingConfig(
         data=str(args.data),
         output_dir=str(args.output_dir),

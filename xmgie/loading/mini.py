@@ -1,0 +1,181 @@
+"""The ``mini`` preset: the real architectures at a size a CPU trains in minutes, trained on exact edits.
+
+``mini`` is built here (architecture and tokenizer) and trained by the recipe
+``xmgie/training/recipes/mini.json`` (``xmgie train --recipe mini``): an autoencoder stage, then MGIE's
+objective on ``xmgie data synth`` pairs. The trained directory is shipped in the package
+(``xmgie/loading/presets/mini``) and loaded through the same ``from_pretrained`` path as any model.
+
+Shapes (all real classes): LLaVA with a 2-layer CLIP vision tower (32 px, patches of 8) and a 2-layer LLaMA
+(hidden 128), a byte-level BPE tokenizer trained on the recipe's instruction language; an edit head of
+width 64; an InstructPix2Pix UNet in SD 1.5's block layout at widths 32–64 on 16×16 latents; a 3-level
+``AutoencoderKL`` (factor 4), so the model works at 64 px. The identity adapter is not trained: its value
+projections start at zero, so IE leaves a ``mini`` edit unchanged (the identity score is still reported).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+from xmgie.editing.edit_head import EditMapper
+from xmgie.editing.identity import build_tiny_identity_components
+from xmgie.editing.mllm import IMG_TOKENS, MLLM_SPECIAL_TOKENS, build_prompt
+from xmgie.editing.pipeline import XMGIEPipeline
+from xmgie.loading.tiny import IP2P_SCHEDULER_CONFIG
+
+MINI = "mini"
+MINI_DIR = Path(__file__).resolve().parent / "presets" / MINI
+"""Where the trained ``mini`` directory lives in the package."""
+MINI_SIDE = 64
+"""The working size of ``mini`` in pixels: it never edits at a larger size (see ``max_working_side``)."""
+MINI_VISION_SIZE = 32
+MINI_HIDDEN = 128
+MINI_CROSS_ATTENTION_DIM = 64
+MINI_VOCAB_SIZE = 600
+
+
+def instruction_corpus() -> list[str]:
+    """The text ``mini``'s tokenizer learns its merges from: every phrasing and expressive instruction of
+    ``xmgie data synth`` with each of its names, and MGIE's prompt."""
+    from xmgie.training import synth
+
+    lines = [build_prompt("x", 1)]
+    for kind, phrasings in synth.GLOBAL_PHRASINGS.items():
+        lines += phrasings + [synth.GLOBAL_EXPRESSIVE[kind]]
+    colours = list(synth.COLOURS)
+    for kind in synth.LOCAL_KINDS:
+        templates = synth.LOCAL_PHRASINGS[kind] + [synth.LOCAL_EXPRESSIVE[kind]]
+        for shape in synth.SHAPES:
+            for place in synth.PLACES:
+                for index, colour in enumerate(colours):
+                    new_colour = colours[(index + 1) % len(colours)]
+                    parts = {"shape": shape, "place": place, "colour": colour, "new_colour": new_colour}
+                    lines += [template.format(**parts) for template in templates]
+    return lines
+
+
+def build_mini_tokenizer(vocab_size: int = MINI_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) whose merges come from :func:`instruction_corpus`, so an
+    instruction is a few tokens; LLaMA's special tokens first, then the MLLM's and the eight ``[IMG]`` tokens."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(instruction_corpus(), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    tokenizer.add_tokens(MLLM_SPECIAL_TOKENS, special_tokens=True)
+    tokenizer.add_tokens(IMG_TOKENS, special_tokens=True)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
+    """``mini``'s architecture with fresh weights (each component from its own seed): what the recipe trains."""
+    tokenizer = build_mini_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mllm = LlavaForConditionalGeneration(
+            LlavaConfig(
+                vision_config=CLIPVisionConfig(
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=3,
+                    num_attention_heads=4,
+                    image_size=MINI_VISION_SIZE,
+                    patch_size=8,
+                    projection_dim=64,
+                ),
+                text_config=LlamaConfig(
+                    hidden_size=MINI_HIDDEN,
+                    intermediate_size=256,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=512,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                ),
+                image_token_id=tokenizer.convert_tokens_to_ids(MLLM_SPECIAL_TOKENS[0]),
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+                projector_hidden_act="linear",
+            )
+        ).eval()
+        torch.manual_seed(seed + 1)
+        edit_head = EditMapper(
+            llm_hidden_size=MINI_HIDDEN,
+            d_model=64,
+            nhead=4,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            dim_feedforward=128,
+            cross_attention_dim=MINI_CROSS_ATTENTION_DIM,
+        )
+        with torch.no_grad():
+            edit_head.img_embeddings.normal_(std=0.02)
+        torch.manual_seed(seed + 2)
+        unet = UNet2DConditionModel(
+            sample_size=MINI_SIDE // 4,
+            in_channels=8,
+            out_channels=4,
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=MINI_CROSS_ATTENTION_DIM,
+            attention_head_dim=16,
+            norm_num_groups=16,
+        )
+        torch.manual_seed(seed + 3)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=MINI_SIDE,
+        )
+    feature_extractor = CLIPImageProcessorPil(
+        size={"shortest_edge": MINI_VISION_SIZE}, crop_size={"height": MINI_VISION_SIZE, "width": MINI_VISION_SIZE}
+    )
+    scheduler = EulerAncestralDiscreteScheduler(**IP2P_SCHEDULER_CONFIG)
+    image_encoder, _, identity_adapter = build_tiny_identity_components(unet, seed=seed + 4)
+    with torch.no_grad():
+        for layer in identity_adapter.layers:
+            layer.to_v_ip.weight.zero_()
+    return XMGIEPipeline(
+        mllm=mllm,
+        tokenizer=tokenizer,
+        feature_extractor=feature_extractor,
+        edit_head=edit_head,
+        unet=unet,
+        vae=vae,
+        scheduler=scheduler,
+        image_encoder=image_encoder,
+        identity_adapter=identity_adapter,
+        max_working_side=MINI_SIDE,
+    )

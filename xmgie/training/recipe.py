@@ -1,0 +1,139 @@
+"""Training recipes: ``xmgie train --recipe NAME|FILE`` builds a model from nothing, reproducibly.
+
+A recipe is a JSON file (the bundled ones live in ``xmgie/training/recipes/``) with four parts:
+
+- ``architecture``: the builder of the untrained model (``mini``: :func:`xmgie.loading.mini.build_mini_pipeline`);
+- ``synth``: the arguments of :func:`xmgie.training.synth.write_synthetic_dataset` (the paired data);
+- ``autoencoder``: an :class:`~xmgie.training.autoencoder.AutoencoderConfig` (omit it to keep the VAE as built);
+- ``train``: the fields of :class:`~xmgie.training.trainer.TrainingConfig` for MGIE's objective.
+
+Output under ``OUTPUT/``: ``data/`` (``train/`` and ``test/``), ``init/`` (the built model with its trained
+VAE), ``model/`` (the trained model directory, with its checkpoints and ``training_log.jsonl``),
+``autoencoder_log.jsonl``, ``recipe.json`` (the recipe as run) and ``timings.json`` (seconds per stage).
+A stage whose output is already there is not redone, so a run stopped during MGIE's objective continues
+with ``--resume latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from xmgie.editing.errors import EditInputError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPE_PARTS = ("name", "description", "architecture", "synth", "autoencoder", "train")
+
+
+def _architectures() -> dict[str, Callable[[], Any]]:
+    from xmgie.loading.mini import build_mini_pipeline
+    from xmgie.loading.tiny import build_tiny_pipeline
+
+    return {"mini": build_mini_pipeline, "tiny": build_tiny_pipeline}
+
+
+def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
+    """The recipe named ``recipe`` (a bundled one) or stored in the JSON file ``recipe``, checked."""
+    path = Path(recipe)
+    if not path.is_file():
+        path = RECIPES_DIR / f"{recipe}.json"
+    if not path.is_file():
+        bundled = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.json")))
+        raise EditInputError("recipe_not_found", f"no recipe {str(recipe)!r} (bundled: {bundled}; or a JSON file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise EditInputError("invalid_recipe", f"{path}: not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise EditInputError("invalid_recipe", f"{path}: a recipe is a JSON object")
+    unknown = sorted(set(data) - set(RECIPE_PARTS))
+    if unknown:
+        raise EditInputError("invalid_recipe", f"{path}: unknown part(s) {unknown}; a recipe has {RECIPE_PARTS}")
+    if data.get("architecture") not in _architectures():
+        raise EditInputError("invalid_recipe", f"{path}: architecture must be one of {sorted(_architectures())}")
+    from xmgie.training.autoencoder import AutoencoderConfig
+    from xmgie.training.trainer import TrainingConfig
+
+    for part, cls, fixed in (
+        ("autoencoder", AutoencoderConfig, set()),
+        ("train", TrainingConfig, {"data", "output_dir", "model", "cache_dir", "resume"}),
+    ):
+        allowed = {f.name for f in fields(cls)} - fixed
+        bad = sorted(set(data.get(part) or {}) - allowed)
+        if bad:
+            raise EditInputError("invalid_recipe", f"{path}: {part}: unknown or fixed field(s) {bad}")
+    if "synth" not in data or "count" not in data["synth"]:
+        raise EditInputError("invalid_recipe", f"{path}: synth.count is required")
+    return data
+
+
+def run_recipe(
+    recipe: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    resume: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> Path:
+    """Run every stage of ``recipe`` into ``output_dir``; return the trained model directory."""
+    import torch
+
+    from xmgie.training.autoencoder import AutoencoderConfig, train_autoencoder
+    from xmgie.training.synth import write_synthetic_dataset
+    from xmgie.training.trainer import TrainingConfig, train
+
+    spec = load_recipe(recipe)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    timings_path = output / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def record(stage: str, started: float) -> None:
+        timings[stage] = round(time.perf_counter() - started, 1)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+
+    # 1. Paired data
+    data = output / "data"
+    if not (data / "synth.json").is_file():
+        started = time.perf_counter()
+        shutil.rmtree(data, ignore_errors=True)
+        write_synthetic_dataset(data, **spec["synth"])
+        record("synth", started)
+
+    # 2. The untrained model with its autoencoder stage
+    init = output / "init"
+    if not (init / "model_index.json").is_file():
+        started = time.perf_counter()
+        pipe = _architectures()[spec["architecture"]]()
+        if spec.get("autoencoder"):
+            config = AutoencoderConfig(**spec["autoencoder"], progress=progress)
+            resolution = spec["train"].get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            with torch.random.fork_rng(devices=[]):
+                train_autoencoder(pipe.vae, data / "train", resolution, config, log=output / "autoencoder_log.jsonl")
+        staging = output / ".init.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        staging.rename(init)
+        record("autoencoder", started)
+
+    # 3. MGIE's objective
+    started = time.perf_counter()
+    model = output / "model"
+    config = TrainingConfig(
+        **spec["train"],
+        data=str(data / "train"),
+        output_dir=str(model),
+        model=str(init),
+        resume=resume,
+        progress=progress,
+    )
+    train(config, on_step=on_step)
+    record("train" if resume is None else f"train_resumed_{int(time.time())}", started)
+    return model
