@@ -455,8 +455,15 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a folder of edits: print a table of the means and the missing items, and write ``--json``.
 
     The JSON file holds :func:`evaluate_folder`'s result, with non-finite numbers written as the
-    strings ``"inf"``, ``"-inf"`` and ``"nan"``.
+    strings ``"inf"``, ``"-inf"`` and ``"nan"``. With ``--paired`` the outputs are scored against a
+    synthetic split's targets instead (see :func:`run_paired_eval`).
     """
+    if getattr(args, "paired", None) is not None:
+        return run_paired_eval(args)
+    if getattr(args, "results", None) is not None:
+        raise ValueError("--results needs --paired")
+    if args.sources is None:
+        raise ValueError("--sources is required (or give --paired)")
     clip = ClipEncoder.from_pretrained(args.clip, device=args.device) if args.clip is not None else None
     dino_encoder = DinoEncoder.from_pretrained(args.dino, device=args.device) if args.dino is not None else None
     result = evaluate_folder(
@@ -476,6 +483,25 @@ def run_eval(args: argparse.Namespace) -> int:
         print("no metric could be computed: give --targets, --masks or --clip")
     for entry in result["missing"]:
         print(f"missing: {entry['id']} ({', '.join(entry['missing'])})")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_json_safe(result), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_paired_eval(args: argparse.Namespace) -> int:
+    """``xmgie eval --paired DIR``: print the per-kind table of :mod:`xmgie.quality`'s scores; ``--json`` the rows.
+
+    The JSON file holds :func:`xmgie.quality.evaluate_paired`'s result (rows, per-kind and per-scope
+    tables, missing outputs).
+    """
+    from xmgie.quality import evaluate_paired, format_table
+
+    result = evaluate_paired(args.paired, args.outputs, results=args.results, far_px=args.far_px)
+    print(format_table(result["table"]))
+    for source in result["missing"]:
+        print(f"missing: {source} (output)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_json_safe(result), indent=2) + "\n", encoding="utf-8")
