@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from xmgie.cli import DEFAULT_CACHE_DIR
 from xmgie.editing.options import AutoMaskOptions
 from xmgie.loading import directory
 from xmgie.loading.directory import load_pipeline
+from xmgie.metrics import json_safe
 from xmgie.quality import LOCAL_KINDS, aggregate, format_table, item_scores, read_paired_metadata
 from xmgie.training.synth import write_synthetic_dataset
 
@@ -134,16 +134,6 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration on the held-out items, print the tables and write ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -209,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_kind": per_kind,
             "rows": scored,
         }
-        args.json.write_text(json.dumps(_json_safe(report), indent=2, default=str) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
 

@@ -440,14 +440,14 @@ def _metric_order(name: str) -> tuple[int, str]:
 # --- command line ----------------------------------------------------------------------------------------------------
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     # Strict JSON has no inf or NaN; strings keep them readable and float() parses them back.
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -485,7 +485,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"missing: {entry['id']} ({', '.join(entry['missing'])})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_json_safe(result), indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
 
@@ -504,6 +504,6 @@ def run_paired_eval(args: argparse.Namespace) -> int:
         print(f"missing: {source} (output)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_json_safe(result), indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
