@@ -30,17 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from xmgie.cli import DEFAULT_CACHE_DIR
-from xmgie.editing.options import AutoMaskOptions
 from xmgie.loading import directory
 from xmgie.loading.directory import load_pipeline
 from xmgie.metrics import json_safe
-from xmgie.quality import LOCAL_KINDS, aggregate, format_table, item_scores, read_paired_metadata
+from xmgie.quality import EXTENSIONS, LOCAL_KINDS, aggregate, edit_and_score, format_table, read_paired_metadata
 from xmgie.training.synth import write_synthetic_dataset
 
-EXTENSIONS = ("pfb", "cam", "ie", "gb")
 CONFIGURATIONS: dict[str, tuple[str, ...]] = {
     "plain": (),
     **{name: (name,) for name in EXTENSIONS},
@@ -76,43 +73,21 @@ def runs() -> list[tuple[str, str]]:
 
 def edit_item(pipe: Any, row: dict[str, Any], folder: Path, configuration: str, mask_source: str, args) -> dict:
     """Edit one item under one configuration and score it."""
-    source = Image.open(folder / row["source_file"]).convert("RGB")
-    true_mask = Image.open(folder / row["mask_file"]).convert("L")
-    on = CONFIGURATIONS[configuration]
-    out = pipe(
-        source,
-        row["instruction"],
-        mask=true_mask if mask_source == "user" else None,
+    scores = edit_and_score(
+        pipe,
+        row,
+        folder,
+        extensions=CONFIGURATIONS[configuration],
+        mask_source=mask_source,
+        seed=args.seed + row["index"],
         num_inference_steps=args.steps,
         max_side=args.max_side,
-        pfb="pfb" in on,
-        cam="cam" in on,
-        ie="ie" in on,
-        gb="gb" in on,
-        auto_mask=AutoMaskOptions(mode="auto") if mask_source == "auto" else AutoMaskOptions(mode="off"),
-        generator=pipe.seeded_generators([args.seed + row["index"]]),
-    )
-    estimated = None
-    if mask_source == "auto":
-        # An automatic estimate that the edit is everywhere comes back without a mask: the whole image.
-        estimated = out.masks[0] if out.masks[0] is not None else np.ones((1, 1), dtype=bool)
-    scores = item_scores(
-        source,
-        folder / row["target_file"],
-        out.images[0],
-        true_mask,
-        estimated_mask=estimated,
-        edit_scope=out.edit_scopes[0],
-        expressive=out.expressive_instructions[0],
-        kind=row["kind"],
     )
     return {
         "configuration": configuration,
         "mask_source": mask_source,
         "index": row["index"],
-        "kind": row["kind"],
         "scope": row.get("scope", "local" if row["kind"] in LOCAL_KINDS else "global"),
-        "edit_scope": out.edit_scopes[0],
         **scores,
     }
 

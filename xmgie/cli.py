@@ -22,7 +22,11 @@ DTYPES = {
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="model directory, or 'tiny' (random weights; default)")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="model directory, 'tiny' (random weights; default) or 'mini' (when its trained weights are installed)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16/fp16 on CUDA, fp32 on CPU"
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = model.add_subparsers(dest="model_command", required=True)
     init_tiny = model_commands.add_parser("init-tiny", help="write the tiny preset (random weights) to DIR")
     init_tiny.add_argument("directory", type=Path)
-    info = model_commands.add_parser("info", help="describe a model directory (or 'tiny')")
+    info = model_commands.add_parser("info", help="describe a model directory (or a preset: mini, tiny)")
     info.add_argument("model")
     info.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     info.add_argument(

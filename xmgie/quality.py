@@ -48,6 +48,7 @@ __all__ = [
     "LOCAL_KINDS",
     "PSNR_CAP",
     "aggregate",
+    "edit_and_score",
     "evaluate_paired",
     "format_table",
     "item_scores",
@@ -269,6 +270,60 @@ def item_scores(
         "scope_correct": scope_correct,
         "names_kind": names_kind(expressive, kind),
     }
+
+
+EXTENSIONS = ("pfb", "cam", "ie", "gb")
+MASK_SOURCES = ("none", "user", "auto")
+
+
+def edit_and_score(
+    pipe: Any,
+    row: Mapping[str, Any],
+    folder: str | os.PathLike,
+    *,
+    extensions: Sequence[str],
+    mask_source: str,
+    seed: int,
+    num_inference_steps: int,
+    max_side: int | None = None,
+) -> dict[str, Any]:
+    """Edit one row of a paired folder with ``pipe`` and score the output (:func:`item_scores`).
+
+    ``extensions`` are the ones switched on; ``mask_source`` is ``user`` (the row's true region is the mask),
+    ``auto`` (no mask, the automatic mask in ``auto`` mode decides the scope; its estimate is scored for IoU,
+    the whole image when the edit was judged global) or ``none`` (no mask, no estimate: a global edit).
+    """
+    from xmgie.editing.options import DEFAULT_MAX_SIDE, AutoMaskOptions
+
+    if mask_source not in MASK_SOURCES:
+        raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
+    folder = Path(folder)
+    source = Image.open(folder / row["source_file"]).convert("RGB")
+    true_mask = Image.open(folder / row["mask_file"]).convert("L")
+    out = pipe(
+        source,
+        row["instruction"],
+        mask=true_mask if mask_source == "user" else None,
+        num_inference_steps=num_inference_steps,
+        max_side=max_side or DEFAULT_MAX_SIDE,
+        **{name: name in extensions for name in EXTENSIONS},
+        auto_mask=AutoMaskOptions(mode="auto" if mask_source == "auto" else "off"),
+        generator=pipe.seeded_generators([seed]),
+    )
+    estimated = None
+    if mask_source == "auto":
+        estimated = out.masks[0] if out.masks[0] is not None else np.ones((1, 1), dtype=bool)
+    scores = item_scores(
+        source,
+        folder / row["target_file"],
+        out.images[0],
+        true_mask,
+        estimated_mask=estimated,
+        edit_scope=out.edit_scopes[0],
+        expressive=out.expressive_instructions[0],
+        kind=row.get("kind"),
+    )
+    return {"kind": row.get("kind"), "edit_scope": out.edit_scopes[0], **scores}
 
 
 # --- aggregation -----------------------------------------------------------------------------------------------------

@@ -83,3 +83,18 @@ def test_a_folder_without_metadata_or_rows_is_refused(tmp_path):
     with pytest.raises(EditInputError) as empty:
         read_pairs(tmp_path)
     assert empty.value.code == "empty_dataset"
+
+
+def test_rows_whose_answer_generation_cannot_reach_are_named_by_line(images):
+    from xmgie.loading.mini import build_mini_tokenizer
+    from xmgie.training.objective import unreachable_answer_lines
+
+    rows = [
+        {**GOOD, "instruction": "make it black and white", "expressive_instruction": "It becomes black and white."},
+        {**GOOD, "instruction": "make it black and white", "expressive_instruction": "Every colour fades to grey."},
+        # Without an expressive instruction the answer is the instruction, which the prompt quotes: unreachable.
+        {**GOOD, "instruction": "make it darker"},
+        {**GOOD, "instruction": "dim"},
+    ]
+    pairs = read_pairs(write_folder(images, rows))
+    assert unreachable_answer_lines(build_mini_tokenizer(), pairs, image_tokens=16) == [1, 3]

@@ -15,7 +15,12 @@ from xmgie.editing.images import load_image
 from xmgie.loading.directory import load_pipeline
 from xmgie.loading.mini import MINI_SIDE, build_mini_tokenizer
 from xmgie.loading.tiny import build_tiny_pipeline
-from xmgie.training.autoencoder import AutoencoderConfig, _training_pixels, train_autoencoder
+from xmgie.training.autoencoder import (
+    AutoencoderConfig,
+    _training_pixels,
+    start_posterior_narrow,
+    train_autoencoder,
+)
 from xmgie.training.recipe import load_recipe
 from xmgie.training.synth import write_synthetic_dataset
 
@@ -69,14 +74,27 @@ def test_the_autoencoder_stage_learns_to_reconstruct_and_sets_the_latent_scale(s
             return (vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean().item()
 
     before = reconstruction_l1()
-    history = train_autoencoder(vae, synth32 / "train", 32, AutoencoderConfig(steps=40, batch_size=4, progress=False))
+    history = train_autoencoder(vae, synth32 / "train", 32, AutoencoderConfig(steps=80, batch_size=4, progress=False))
     after = reconstruction_l1()
-    assert len(history) == 40
+    assert len(history) == 80
     assert after < 0.85 * before
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mean
     assert vae.config.scaling_factor == pytest.approx(1 / latents.std().item(), rel=1e-4)
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_the_autoencoder_stage_starts_from_a_narrow_posterior(synth32):
+    vae = build_tiny_pipeline().vae
+    pixels = _training_pixels(synth32 / "train", 32)[:4]
+    with torch.no_grad():
+        fresh_std = vae.encode(pixels).latent_dist.std
+        start_posterior_narrow(vae, -8.0)
+        posterior = vae.encode(pixels).latent_dist
+    # A fresh VAE samples its latents with a standard deviation near 1: noise as large as the latents.
+    assert fresh_std.mean().item() > 0.5
+    assert torch.allclose(posterior.std, torch.full_like(posterior.std, float(np.exp(-4.0))))
+    assert posterior.mean.abs().mean().item() > 0  # the means are untouched
 
 
 def write_recipe(path, **changes):

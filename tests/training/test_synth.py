@@ -10,7 +10,19 @@ from PIL import Image
 
 from xmgie.cli import main
 from xmgie.training.data import read_pairs
-from xmgie.training.synth import GLOBAL_TRANSFORMS, LOCAL_KINDS, write_synthetic_dataset
+from xmgie.training.objective import answer_token_ids, first_banned_answer_token, prompt_token_ids
+from xmgie.training.synth import (
+    COLOURS,
+    GLOBAL_EXPRESSIVE,
+    GLOBAL_PHRASINGS,
+    GLOBAL_TRANSFORMS,
+    LOCAL_EXPRESSIVE,
+    LOCAL_KINDS,
+    LOCAL_PHRASINGS,
+    PLACES,
+    SHAPES,
+    write_synthetic_dataset,
+)
 
 
 def rows(folder):
@@ -88,3 +100,41 @@ def test_the_same_seed_writes_identical_files_and_another_seed_other_ones(tmp_pa
     first, second, other = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert first == second
     assert first.keys() == other.keys() and first != other
+
+
+def test_a_repeated_trigram_of_the_prompt_is_found_where_generation_bans_it():
+    prompt = [5, 6, 7, 8, 9]
+    assert first_banned_answer_token(prompt, [1, 2, 3]) is None
+    # "6 7 8" is in the prompt: the answer's 8 after 6 7 can never be generated.
+    assert first_banned_answer_token(prompt, [1, 6, 7, 8]) == 3
+    # The answer's own trigrams count too.
+    assert first_banned_answer_token(prompt, [1, 2, 3, 1, 2, 3]) == 5
+    assert first_banned_answer_token(prompt, [1, 6, 7, 8], ngram_size=4) is None
+
+
+def test_every_synth_answer_can_be_generated_under_mgie_decoding():
+    """With ``no_repeat_ngram_size=3`` MGIE never generates a trigram its prompt has, so an expressive
+    instruction that repeats one (``black and white``, ``in the top left``) could be learnt but never produced."""
+    from xmgie.loading.mini import build_mini_tokenizer
+
+    tokenizer = build_mini_tokenizer()
+    image_tokens = 16
+    colours = list(COLOURS)
+    checked = 0
+    for kind, phrasings in GLOBAL_PHRASINGS.items():
+        for phrasing in phrasings:
+            prompt = prompt_token_ids(tokenizer, phrasing, image_tokens)
+            answer = answer_token_ids(tokenizer, GLOBAL_EXPRESSIVE[kind])
+            assert first_banned_answer_token(prompt, answer) is None, (kind, phrasing)
+            checked += 1
+    for kind in LOCAL_KINDS:
+        for shape in SHAPES:
+            for place in PLACES:
+                for index, colour in enumerate(colours):
+                    parts = {"shape": shape, "place": place, "colour": colour, "new_colour": colours[index - 1]}
+                    answer = answer_token_ids(tokenizer, LOCAL_EXPRESSIVE[kind].format(**parts))
+                    for phrasing in LOCAL_PHRASINGS[kind]:
+                        prompt = prompt_token_ids(tokenizer, phrasing.format(**parts), image_tokens)
+                        assert first_banned_answer_token(prompt, answer) is None, (phrasing, parts)
+                        checked += 1
+    assert checked == 27 + 3 * 3 * 9 * 8 * 3

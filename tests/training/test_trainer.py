@@ -294,3 +294,14 @@ def test_the_teacher_forced_prompt_is_the_one_inference_generates_from(tiny_pipe
     for row, instruction in enumerate(instructions):
         prompt = input_ids[row, attention_mask[row].bool()].tolist()
         assert prompt == prompt_token_ids(tiny_pipe.tokenizer, instruction, num_image_tokens(tiny_pipe.mllm))
+
+
+def test_conditioning_spread_measures_how_much_items_differ():
+    from xmgie.training.objective import conditioning_spread
+
+    common = torch.randn(1, 77, 8)
+    assert conditioning_spread(common.repeat(4, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    assert conditioning_spread(common).item() == pytest.approx(0.0, abs=1e-6)
+    # Two items ±d around a common vector c: deviation |d|, size sqrt(|c|² + |d|²).
+    c, d = torch.full((1, 4), 3.0), torch.full((1, 4), 4.0)
+    assert conditioning_spread(torch.cat([c + d, c - d])).item() == pytest.approx(4 / 5)

@@ -535,7 +535,8 @@ def contact_sheet(
     entries: list[ManifestEntry],
     height: int = THUMBNAIL_HEIGHT,
 ) -> Image.Image:
-    """Before/after pairs, one row per item (at most ``CONTACT_SHEET_MAX_ROWS``), each ``height`` pixels high.
+    """Before/after pairs, one row per item (at most ``CONTACT_SHEET_MAX_ROWS``), each ``height`` pixels high,
+    labelled with the item's index, image, instruction (its first 60 characters) and status.
 
     A failed item shows its source (grey when unreadable) beside a grey tile with its error code.
     """
@@ -554,7 +555,8 @@ def contact_sheet(
         row = Image.new("RGB", (before.width + after.width + 8, height + label_height), "white")
         row.paste(before, (0, label_height))
         row.paste(after, (before.width + 8, label_height))
-        label = f"{item.index}: {entry.image} - {item.status}"
+        instruction = entry.instruction if len(entry.instruction) <= 60 else entry.instruction[:57] + "..."
+        label = f"{item.index}: {entry.image} - {instruction} - {item.status}"
         if item.error_code:
             label += f" ({item.error_code})"
         ImageDraw.Draw(row).text((4, 3), label, fill="black")

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
 
     # The model.
     model: str = "tiny"
+    """A model directory, or a preset: ``tiny`` (random weights) or ``mini`` (once its trained weights are in the
+    package)."""
     model_cache_dir: Path | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from xmgie.editing.pipeline import XMGIEPipeline
+from xmgie.loading.mini import MINI, MINI_DIR
 from xmgie.loading.tiny import ensure_tiny
 
 logger = logging.getLogger(__name__)
@@ -40,12 +41,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def resolve_model_dir(model: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
-    """The directory of ``model``: a path, or the ``tiny`` preset (written under ``cache_dir`` on first use)."""
+    """The directory of ``model``: a path, the ``mini`` preset (trained weights in the package, where installed)
+    or the ``tiny`` preset (written under ``cache_dir`` on first use)."""
     if str(model) == TINY:
         return ensure_tiny(cache_dir)
+    if str(model) == MINI:
+        if not (MINI_DIR / "model_index.json").is_file():
+            raise ModelDirectoryError(
+                f"the mini preset is missing from this installation ({MINI_DIR}); train it with "
+                "`xmgie train --recipe mini --output-dir DIR` and pass --model DIR/model"
+            )
+        model = MINI_DIR
     path = Path(model)
     if not path.is_dir():
-        raise ModelDirectoryError(f"model directory {str(path)!r} does not exist (or pass 'tiny')")
+        raise ModelDirectoryError(f"model directory {str(path)!r} does not exist (or pass 'mini' or 'tiny')")
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelDirectoryError(f"{str(path)!r} has no model_index.json: not a model directory")
@@ -63,7 +72,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     offload: str = "none",
 ) -> XMGIEPipeline:
-    """Load a pipeline from a model directory or the ``tiny`` preset, offline, onto ``device`` in ``dtype``.
+    """Load a pipeline from a model directory or a preset (``mini``, ``tiny``), offline, onto ``device`` in ``dtype``.
 
     ``offload`` (one of :data:`OFFLOAD_MODES`) keeps weights on the CPU while their stage is not running; the
     weights load on the CPU and only what the mode keeps resident moves to ``device``, so a card smaller than the

@@ -5,6 +5,12 @@ one first. The loss is L1 + MSE of the reconstruction from a posterior sample pl
 (Stable Diffusion's autoencoder recipe without its perceptual and adversarial terms), on the sources and
 targets of a paired folder. Afterwards the latent scaling factor is set to 1/std of the training latents,
 as Stable Diffusion's 0.18215 was chosen.
+
+A fresh ``AutoencoderKL``'s posterior has a standard deviation near 1, so its decoder first learns from latents
+drowned in sampling noise until the encoder learns to shrink it; Stable Diffusion's autoencoder trains long enough
+not to care, a stage of minutes does not. The stage therefore starts the posterior narrow
+(``initial_log_variance``: the log-variance channels constant at that value), and the KL term and the
+reconstruction move it from there.
 """
 
 from __future__ import annotations
@@ -30,8 +36,20 @@ class AutoencoderConfig:
     batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
+    initial_log_variance: float | None = -8.0
+    """Start value of the posterior's log-variance (``None``: as the architecture initialises it)."""
     seed: int = 0
     progress: bool = True
+
+
+def start_posterior_narrow(vae, log_variance: float) -> None:
+    """Make ``vae``'s posterior log-variance the constant ``log_variance``: zero weights and that bias on the
+    log-variance half of the layer that produces the posterior's moments."""
+    layer = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        layer.weight[channels:].zero_()
+        layer.bias[channels:].fill_(log_variance)
 
 
 def _training_pixels(data: str | Path, resolution: int) -> torch.Tensor:
@@ -49,6 +67,8 @@ def train_autoencoder(vae, data: str | Path, resolution: int, config: Autoencode
     """Train ``vae`` in place on ``data``'s images; return the per-step losses. Flips augment the images."""
     pixels = _training_pixels(data, resolution)
     generator = torch.Generator().manual_seed(config.seed)
+    if config.initial_log_variance is not None:
+        start_posterior_narrow(vae, config.initial_log_variance)
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     warmup = max(1, config.steps // 20)

@@ -24,6 +24,7 @@ from xmgie.editing.mllm import (
     IMG_TOKENS,
     MAX_NEW_TOKENS,
     MLLM_SPECIAL_TOKENS,
+    NO_REPEAT_NGRAM_SIZE,
     build_prompt,
     encode_prompt,
     strip_special_tokens,
@@ -54,6 +55,38 @@ def answer_token_ids(tokenizer, expressive_instruction: str, max_new_tokens: int
     text_ids = tokenizer(expressive_instruction, add_special_tokens=False)["input_ids"]
     text_ids = text_ids[: max_new_tokens - len(IMG_TOKENS) - 1]
     return text_ids + tokenizer.convert_tokens_to_ids(IMG_TOKENS) + [tokenizer.eos_token_id]
+
+
+def first_banned_answer_token(
+    prompt_ids: list[int], answer_ids: list[int], ngram_size: int = NO_REPEAT_NGRAM_SIZE
+) -> int | None:
+    """Index of the first answer token that MGIE's generation can never produce, or ``None``.
+
+    MGIE generates with ``no_repeat_ngram_size`` over the prompt and the answer together: a token that would
+    complete an n-gram already in the sequence is banned. An answer that repeats a trigram of its prompt (or of
+    itself) is therefore unreachable at inference, however low its teacher-forced loss: generation leaves the
+    learnt answer at that token, and the ``[IMG]`` states read after it are not the trained ones.
+    """
+    sequence = list(prompt_ids)
+    seen = {tuple(sequence[i : i + ngram_size]) for i in range(len(sequence) - ngram_size + 1)}
+    for index, token in enumerate(answer_ids):
+        if len(sequence) >= ngram_size - 1:
+            ngram = (*sequence[len(sequence) - ngram_size + 1 :], token)
+            if ngram in seen:
+                return index
+            seen.add(ngram)
+        sequence.append(token)
+    return None
+
+
+def unreachable_answer_lines(tokenizer, pairs, image_tokens: int) -> list[int]:
+    """Metadata lines of ``pairs`` whose answer MGIE's generation cannot produce (see `first_banned_answer_token`)."""
+    lines = []
+    for pair in pairs:
+        prompt = prompt_token_ids(tokenizer, pair.instruction, image_tokens)
+        if first_banned_answer_token(prompt, answer_token_ids(tokenizer, pair.expressive_instruction)) is not None:
+            lines.append(pair.line)
+    return lines
 
 
 @dataclass
@@ -115,6 +148,19 @@ def draw_conditioning_dropout(
     return drop_conditioning, drop_image
 
 
+def conditioning_spread(conditioning: torch.Tensor) -> torch.Tensor:
+    """How much a batch's edit conditionings differ from item to item, relative to their size.
+
+    The root mean square of each item's deviation from the batch mean, over the root mean square of the
+    conditionings (0 for one item). The UNet can only tell edits apart by what differs between items; a
+    spread of a few per cent means the ``[IMG]`` states carry little of the instruction, and the guided
+    edit becomes the same average edit for every instruction.
+    """
+    flat = conditioning.detach().float().flatten(1)
+    deviation = (flat - flat.mean(dim=0, keepdim=True)).pow(2).mean().sqrt()
+    return deviation / flat.pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @dataclass
 class StepNoise:
     """Every random draw of one training step, made up front from the step's own generator."""
@@ -164,7 +210,7 @@ class MGIEObjective(nn.Module):
         target_pixels: torch.Tensor,
         noise: StepNoise,
     ) -> dict[str, torch.Tensor]:
-        """``instruction_loss`` and ``edit_loss`` of a batch."""
+        """``instruction_loss`` and ``edit_loss`` of a batch, and the ``conditioning_spread`` (no gradient)."""
         device = source_pixels.device
         # 1. Instruction loss: teacher-forced cross-entropy on the answer tokens
         out = self.mllm(
@@ -182,6 +228,7 @@ class MGIEObjective(nn.Module):
         rows = torch.arange(hidden.shape[0], device=device)[:, None]
         img_hidden = hidden[rows, mllm_inputs.img_positions].to(self.edit_head.dtype)
         conditioning = self.edit_head(img_hidden)
+        spread = conditioning_spread(conditioning)
         null = self.edit_head(torch.zeros_like(img_hidden))
         drop_conditioning = noise.drop_conditioning.to(device)[:, None, None]
         conditioning = torch.where(drop_conditioning, null, conditioning)
@@ -210,4 +257,4 @@ class MGIEObjective(nn.Module):
         else:
             target = epsilon
         edit_loss = F.mse_loss(prediction.float(), target.float())
-        return {"instruction_loss": instruction_loss, "edit_loss": edit_loss}
+        return {"instruction_loss": instruction_loss, "edit_loss": edit_loss, "conditioning_spread": spread}

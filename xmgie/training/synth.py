@@ -73,9 +73,9 @@ GLOBAL_PHRASINGS = {
     "night": ["turn it into night", "make it look like night", "change the time to night"],
 }
 GLOBAL_EXPRESSIVE = {
-    "black_and_white": "The whole photo becomes black and white, every colour turned into its shade of grey.",
-    "sepia": "The whole photo takes a sepia tone, brown like an old print.",
-    "invert": "The whole photo is inverted, every colour turned into its opposite like a negative.",
+    "black_and_white": "Every colour fades into its shade of grey, a monochrome picture.",
+    "sepia": "The whole picture takes on brown sepia hues, as in an aged print.",
+    "invert": "Each colour flips to its opposite, as on a film negative.",
     "brighter": "The whole photo becomes brighter, its shadows and colours lighter.",
     "darker": "The whole photo becomes darker, its light parts and colours dimmer.",
     "more_contrast": "The whole photo gets more contrast, dark parts darker and light parts lighter.",
@@ -83,6 +83,9 @@ GLOBAL_EXPRESSIVE = {
     "cooler": "The whole photo becomes cooler, with more blue and less red.",
     "night": "The scene turns to night, the whole photo dark and blue as under moonlight.",
 }
+"""Each global kind's expressive instruction: it names the kind and shares no three words in a row with any
+phrasing of the kind or with MGIE's prompt, since MGIE generates with ``no_repeat_ngram_size=3`` over the prompt
+and the answer together — an answer that repeats a trigram of its prompt cannot be generated."""
 
 LOCAL_KINDS = ("add_shape", "remove_shape", "recolour_shape")
 KINDS = (*GLOBAL_TRANSFORMS, *LOCAL_KINDS)
@@ -130,11 +133,15 @@ LOCAL_PHRASINGS = {
     ],
 }
 LOCAL_EXPRESSIVE = {
-    "add_shape": "A {colour} {shape} is added in the {place} of the image, the rest unchanged.",
-    "remove_shape": "The {colour} {shape} in the {place} is removed, showing the photo behind it.",
-    "recolour_shape": "The {colour} {shape} in the {place} is recoloured {new_colour}, the rest unchanged.",
+    "add_shape": "A new {colour} {shape} appears in the image's {place} area, nothing else changes.",
+    "remove_shape": "The {colour} {shape} is removed from the image's {place} area, uncovering the photo behind.",
+    "recolour_shape": (
+        "The {colour} {shape} in the image's {place} area is recoloured {new_colour}, nothing else changes."
+    ),
 }
-"""Short enough for the answer to fit MGIE's generation budget even with a byte-level tokenizer."""
+"""Short enough for the answer to fit MGIE's generation budget even with a byte-level tokenizer, and free of
+the phrasings' trigrams (``the {place}``, ``a {colour} {shape}``) for the reason given under
+:data:`GLOBAL_EXPRESSIVE`."""
 
 MIN_CROP_FRACTION = 0.4
 """Crops cover 40–100 % of the photo's short side."""

@@ -1,0 +1,141 @@
+"""The ``mini`` preset: refused with how to train it while its weights are not installed; once they are, it
+edits for real — held-out pairs of the recipe's data, scored against exact targets.
+
+The sample is the first items of the recipe's held-out split (``xmgie data synth`` with the recipe's seed and
+photo split: item ``i`` of a split does not depend on the count), whose source photo the model never saw. Every
+item is edited three ways: all extensions with the true region as the user's mask, plain MGIE (no extension, no
+mask) and all extensions with the automatic mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmgie.loading.mini import MINI_DIR
+from xmgie.quality import EXTENSIONS, GLOBAL_KINDS, KIND_KEYWORDS, edit_and_score, read_paired_metadata
+from xmgie.training.recipe import load_recipe
+from xmgie.training.synth import write_synthetic_dataset
+
+PER_KIND = 2
+STEPS = 20
+CONFIGURATIONS = {
+    "all_user": {"mask": "user", "extensions": True},
+    "plain": {"mask": "none", "extensions": False},
+    "all_auto": {"mask": "auto", "extensions": True},
+}
+needs_mini = pytest.mark.skipif(
+    not (MINI_DIR / "model_index.json").is_file(),
+    reason="the trained mini weights are not in this installation (xmgie train --recipe mini writes them)",
+)
+L1_RATIO_BARS = {"add_shape": 0.8, "remove_shape": 0.8, "recolour_shape": 0.6, **dict.fromkeys(GLOBAL_KINDS, 0.6)}
+"""Largest mean L1 to the target inside the region, as a share of the source's L1 to it, per kind."""
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """The first ``PER_KIND`` held-out items of every kind, as the recipe's synth stage writes them."""
+    synth = load_recipe("mini")["synth"]
+    test_items = PER_KIND * len(KIND_KEYWORDS)
+    count = int(round(test_items / synth["test_fraction"]))
+    folder = tmp_path_factory.mktemp("mini-held-out") / "data"
+    counts = write_synthetic_dataset(
+        folder,
+        count,
+        seed=synth["seed"],
+        size=synth["size"],
+        test_fraction=synth["test_fraction"],
+        test_photos=synth["test_photos"],
+    )
+    assert counts["test"] == test_items
+    return folder / "test"
+
+
+@pytest.fixture(scope="module")
+def mini(model_cache):
+    import torch
+
+    from xmgie.loading.directory import load_pipeline
+
+    return load_pipeline("mini", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def scores(mini, held_out):
+    """Per configuration, one row of scores per held-out item (with its kind)."""
+    rows = read_paired_metadata(held_out)
+    return {
+        name: [
+            edit_and_score(
+                mini,
+                row,
+                held_out,
+                extensions=EXTENSIONS if configuration["extensions"] else (),
+                mask_source=configuration["mask"],
+                seed=index,
+                num_inference_steps=STEPS,
+            )
+            for index, row in enumerate(rows)
+        ]
+        for name, configuration in CONFIGURATIONS.items()
+    }
+
+
+def by_kind(rows, score):
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row[score] is not None:
+            values.setdefault(row["kind"], []).append(float(row[score]))
+    return {kind: float(np.mean(v)) for kind, v in values.items()}
+
+
+@needs_mini
+def test_every_kind_comes_closer_to_its_exact_target_than_the_source_is(scores):
+    ratios = by_kind(scores["all_user"], "l1_ratio")
+    assert set(ratios) == set(L1_RATIO_BARS)
+    misses = {kind: round(ratio, 3) for kind, ratio in ratios.items() if ratio > L1_RATIO_BARS[kind]}
+    assert not misses, f"mean L1 ratio to the target above the bar: {misses}"
+
+
+@needs_mini
+def test_a_user_mask_with_pfb_and_gb_keeps_far_outside_pixels_exactly_and_plain_mgie_does_not(scores):
+    kept = [row["far_outside_equal"] for row in scores["all_user"] if row["far_outside_equal"] is not None]
+    plain = [row["far_outside_equal"] for row in scores["plain"] if row["far_outside_equal"] is not None]
+    assert len(kept) == len(plain) == PER_KIND * 3  # the local kinds: global ones have no outside
+    assert min(kept) == 1.0
+    assert float(np.mean(plain)) < 0.5
+
+
+@needs_mini
+def test_automatic_masks_find_local_edits_and_judge_global_ones_global(scores):
+    rows = scores["all_auto"]
+    local_iou = [row["mask_iou"] for row in rows if row["kind"] not in GLOBAL_KINDS]
+    global_right = [row["scope_correct"] for row in rows if row["kind"] in GLOBAL_KINDS]
+    assert float(np.mean(local_iou)) >= 0.5, local_iou
+    assert float(np.mean(global_right)) >= 0.9, global_right
+
+
+@needs_mini
+def test_the_expressive_instruction_names_the_edit_kind(scores):
+    named = [row["names_kind"] for row in scores["plain"]]
+    assert len(named) == PER_KIND * len(KIND_KEYWORDS)
+    assert float(np.mean(named)) >= 0.8, by_kind(scores["plain"], "names_kind")
+
+
+@needs_mini
+def test_mini_is_the_package_directory_in_safetensors_within_its_budget(model_cache):
+    from xmgie.loading import directory
+
+    assert directory.resolve_model_dir("mini", model_cache) == MINI_DIR
+    weights = list(MINI_DIR.rglob("*.safetensors"))
+    assert {path.parent.name for path in weights} >= {"mllm", "edit_head", "unet", "vae"}
+    assert not list(MINI_DIR.rglob("*.bin")) and not list(MINI_DIR.rglob("*.pt"))
+    assert sum(path.stat().st_size for path in MINI_DIR.rglob("*") if path.is_file()) <= 25 * 1024 * 1024
+
+
+def test_a_missing_mini_preset_is_refused_with_how_to_train_it(monkeypatch, tmp_path, model_cache):
+    from xmgie.loading import directory
+
+    monkeypatch.setattr(directory, "MINI_DIR", tmp_path / "mini")
+    with pytest.raises(directory.ModelDirectoryError, match="xmgie train --recipe mini"):
+        directory.resolve_model_dir("mini", model_cache)
