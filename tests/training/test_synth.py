@@ -112,10 +112,11 @@ def test_a_repeated_trigram_of_the_prompt_is_found_where_generation_bans_it():
     assert first_banned_answer_token(prompt, [1, 6, 7, 8], ngram_size=4) is None
 
 
-def test_every_synth_answer_can_be_generated_under_mgie_decoding():
+def test_every_synth_answer_names_its_kind_and_can_be_generated_under_mgie_decoding():
     """With ``no_repeat_ngram_size=3`` MGIE never generates a trigram its prompt has, so an expressive
     instruction that repeats one (``black and white``, ``in the top left``) could be learnt but never produced."""
     from xmgie.loading.mini import build_mini_tokenizer
+    from xmgie.quality import names_kind
 
     tokenizer = build_mini_tokenizer()
     image_tokens = 16
@@ -124,6 +125,7 @@ def test_every_synth_answer_can_be_generated_under_mgie_decoding():
     for kind, phrasings in GLOBAL_PHRASINGS.items():
         for phrasing in phrasings:
             prompt = prompt_token_ids(tokenizer, phrasing, image_tokens)
+            assert names_kind(GLOBAL_EXPRESSIVE[kind], kind)
             answer = answer_token_ids(tokenizer, GLOBAL_EXPRESSIVE[kind])
             assert first_banned_answer_token(prompt, answer) is None, (kind, phrasing)
             checked += 1
@@ -132,7 +134,9 @@ def test_every_synth_answer_can_be_generated_under_mgie_decoding():
             for place in PLACES:
                 for index, colour in enumerate(colours):
                     parts = {"shape": shape, "place": place, "colour": colour, "new_colour": colours[index - 1]}
-                    answer = answer_token_ids(tokenizer, LOCAL_EXPRESSIVE[kind].format(**parts))
+                    expressive = LOCAL_EXPRESSIVE[kind].format(**parts)
+                    assert names_kind(expressive, kind), expressive
+                    answer = answer_token_ids(tokenizer, expressive)
                     for phrasing in LOCAL_PHRASINGS[kind]:
                         prompt = prompt_token_ids(tokenizer, phrasing.format(**parts), image_tokens)
                         assert first_banned_answer_token(prompt, answer) is None, (phrasing, parts)

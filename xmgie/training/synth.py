@@ -133,7 +133,7 @@ LOCAL_PHRASINGS = {
     ],
 }
 LOCAL_EXPRESSIVE = {
-    "add_shape": "A new {colour} {shape} appears in the image's {place} area, nothing else changes.",
+    "add_shape": "A new {colour} {shape} is added in the image's {place} area, nothing else changes.",
     "remove_shape": "The {colour} {shape} is removed from the image's {place} area, uncovering the photo behind.",
     "recolour_shape": (
         "The {colour} {shape} in the image's {place} area is recoloured {new_colour}, nothing else changes."
