@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Commands and services default to the trained mini preset; tests that do not name a model use the fast tiny one
+# (tests/loading/test_mini.py covers mini itself).
+os.environ.setdefault("XMGIE_MODEL", "tiny")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -23,7 +23,7 @@ def xmgie(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={"XMGIE_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={"XMGIE_CACHE_DIR": str(cache_dir), "XMGIE_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
 
 

@@ -24,8 +24,9 @@ DTYPES = {
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default="tiny",
-        help="model directory, 'tiny' (random weights; default) or 'mini' (when its trained weights are installed)",
+        default=os.environ.get("XMGIE_MODEL", "mini"),
+        help="model directory, 'mini' (trained on this project's edits, 64 px; default) or 'tiny' (random weights, "
+        "for tests); env XMGIE_MODEL",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument(
@@ -60,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--output", type=Path, required=True, help="output image path (.png, .jpg, .webp)")
     edit.add_argument("--seed", type=int, help="noise seed (default: drawn and printed)")
     edit.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    edit.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    edit.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE)
+    edit.add_argument(
+        "--guidance-scale",
+        type=float,
+        help=f"text guidance (default: the model's; {DEFAULT_GUIDANCE_SCALE} for a model that sets none)",
+    )
+    edit.add_argument(
+        "--image-guidance-scale",
+        type=float,
+        help=f"image guidance (default: the model's; {DEFAULT_IMAGE_GUIDANCE_SCALE} for a model that sets none)",
+    )
     edit.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side the model works at")
     edit.add_argument("--save-mask", type=Path, help="write the mask used (the user's or the automatic one) here")
     edit.add_argument(
@@ -82,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     extensions.add_argument(
         "--auto-mask-mode",
         choices=["auto", "always", "off"],
-        default="auto",
         help="without --mask: auto = local to the estimated mask, or global when the edit is everywhere; "
-        "always = always local to the estimated mask; off = global",
+        "always = always local to the estimated mask; off = global (default: the model's; auto for a model "
+        "that sets none, off for mini)",
     )
     extensions.add_argument("--pfb-fraction", type=float, default=0.5, help="leading fraction of latent blending")
     extensions.add_argument("--pfb-reference", choices=["noise", "inversion", "inversion_start"], default="noise")

@@ -8,9 +8,14 @@ from xmgie.editing.errors import EditInputError
 from xmgie.editing.options import EditOptions
 
 
-def test_defaults_are_instruct_pix2pix_guidance():
+def test_guidance_defaults_to_the_models_and_the_working_side_to_512():
     options = EditOptions()
-    assert (options.guidance_scale, options.image_guidance_scale, options.max_side) == (7.5, 1.5, 512)
+    # None: the pipeline takes the model's guidance (InstructPix2Pix's 7.5/1.5 when the model sets none).
+    assert (options.guidance_scale, options.image_guidance_scale, options.max_side) == (None, None, 512)
+    assert EditOptions.from_dict({"guidance_scale": None}).guidance_scale is None
+    # The automatic mask's mode is the model's too; switching it off has one spelling either way.
+    assert (options.auto_mask.enabled, options.auto_mask.mode) == (True, None)
+    assert EditOptions.from_dict({"auto_mask": False}).auto_mask.mode == "off"
 
 
 def test_round_trip_through_json_form():
@@ -58,7 +63,7 @@ def test_auto_mask_off_has_one_spelling():
     off = EditOptions.from_dict({"auto_mask": {"mode": "off"}})
     assert off.auto_mask == EditOptions(auto_mask=False).auto_mask
     assert off.auto_mask.enabled is False and EditOptions(auto_mask=False).auto_mask.mode == "off"
-    assert EditOptions().auto_mask.mode == "auto"
+    assert EditOptions().auto_mask.mode is None  # the model's
     assert EditOptions.from_dict(off.to_dict()) == off
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.conftest import gradient_image
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import load_image
+from xmgie.editing.options import AutoMaskOptions
 from xmgie.editing.pipeline import XMGIEPipeline
 
 
@@ -239,3 +240,77 @@ def test_seeded_generators_draw_on_cuda_when_the_pipeline_runs_there(tiny_pipe):
     assert generator.device.type == "cuda"
     out = pipe(gradient_image(64, 64), "add a hat", num_inference_steps=2, generator=generator, output_type="latent")
     assert out.images[0].device.type == "cuda"
+
+
+def test_a_model_directory_carries_the_guidance_its_edits_default_to(tiny_pipe, tmp_path):
+    assert tiny_pipe.resolve_guidance() == (7.5, 1.5)  # no guidance in its model_index.json: InstructPix2Pix's
+    guided = XMGIEPipeline(**tiny_pipe.components, guidance_scale=1.5, image_guidance_scale=1.0)
+    guided.save_pretrained(tmp_path / "model", safe_serialization=True)
+    loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.resolve_guidance() == (1.5, 1.0)
+    assert loaded.resolve_guidance(4.0, None) == (4.0, 1.0)  # what a call gives wins, one scale at a time
+
+    image = gradient_image(64, 64)
+
+    def run(**guidance) -> np.ndarray:
+        out = loaded(
+            image,
+            "add a rainbow",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(2),
+            **EXTENSIONS_OFF,
+            **guidance,
+        )
+        return np.asarray(out.images[0], dtype=np.int16)
+
+    by_default = run()
+    assert np.array_equal(by_default, run(guidance_scale=1.5, image_guidance_scale=1.0))
+    assert np.abs(by_default - run(guidance_scale=7.5, image_guidance_scale=1.5)).max() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_every_prediction_type_converts_back_to_the_noise_it_implies(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from xmgie.editing.blending import epsilon_from_prediction
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(2, 3, 4, 4, 4, generator=generator)
+    timesteps = torch.tensor([40, 700, 999])
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    output = {
+        "epsilon": noise,
+        "v_prediction": scheduler.get_velocity(clean, noise, timesteps),
+        "sample": clean,
+    }[prediction_type]
+    for row, t in enumerate(timesteps):
+        alpha = scheduler.alphas_cumprod[t]
+        implied = epsilon_from_prediction(output[row], noisy[row], alpha, prediction_type)
+        assert torch.allclose(implied, noise[row], atol=1e-4)
+        # The conversion has teeth: reading the output as another type gives another noise.
+        if prediction_type != "epsilon":
+            assert not torch.allclose(output[row], noise[row], atol=1e-2)
+    with pytest.raises(ValueError, match="prediction_type"):
+        epsilon_from_prediction(noise, noisy, scheduler.alphas_cumprod[0], "x0")
+
+
+def test_a_model_directory_carries_its_automatic_mask_mode(tiny_pipe, tmp_path):
+    XMGIEPipeline(**tiny_pipe.components, auto_mask_mode="off").save_pretrained(tmp_path / "model")
+    loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")
+    image = gradient_image(64, 64)
+
+    def run(**options):
+        return loaded(
+            image, "add a rainbow", num_inference_steps=2, generator=torch.Generator().manual_seed(1), **options
+        )
+
+    # Unset: the model's "off" — no estimate, a global edit.
+    unset = run()
+    assert unset.masks == [None] and unset.edit_scopes == ["global"] and "auto_mask" not in unset.timings
+    # A call that asks for an estimate gets one (the same model, "always": local to the estimate).
+    asked = run(auto_mask={"mode": "always", "min_spread": 0.0})
+    assert asked.masks[0] is not None and asked.edit_scopes == ["local"] and "auto_mask" in asked.timings
+    # A model that sets no mode estimates by default, as before.
+    assert tiny_pipe.resolve_auto_mask(AutoMaskOptions()).mode == "auto"
+    assert loaded.resolve_auto_mask(AutoMaskOptions(mode="auto")).mode == "auto"

@@ -24,7 +24,7 @@ def test_embedded_defaults_live_under_the_data_folder(tmp_path: Path) -> None:
     assert settings.database_url == f"sqlite:///{tmp_path}/xmgie.db"
     assert settings.storage_url == f"file://{tmp_path}/storage"
     assert settings.broker_url is None
-    assert settings.model == "tiny"
+    assert settings.model == "mini"
     assert (settings.max_items_per_job, settings.max_attempts, settings.lease_seconds) == (10_000, 3, 600)
     assert settings.max_image_pixels == 4096 * 4096
     assert settings.max_upload_bytes == 20 * 1024 * 1024

@@ -223,6 +223,24 @@ def noised_reference_latents(scheduler, source_latents: torch.Tensor, noise: tor
     return trajectory
 
 
+def epsilon_from_prediction(
+    output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The noise a UNet's ``output`` implies for the DDPM-parametrised input ``x`` at cumulative alpha ``alpha``.
+
+    ``epsilon``: the output itself; ``v_prediction``: ``√ᾱ·v + √(1−ᾱ)·x``; ``sample`` (the clean latent ``x̂₀``):
+    ``(x − √ᾱ·x̂₀) / √(1−ᾱ)``.
+    """
+    if prediction_type == "epsilon":
+        return output
+    alpha = alpha.to(device=output.device, dtype=torch.float32)
+    if prediction_type == "v_prediction":
+        return (alpha.sqrt() * output.float() + (1 - alpha).sqrt() * x.float()).to(output.dtype)
+    if prediction_type == "sample":
+        return ((x.float() - alpha.sqrt() * output.float()) / (1 - alpha).sqrt()).to(output.dtype)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 def ddim_inverted_latents(scheduler, predict_noise, source_latents: torch.Tensor) -> list[torch.Tensor]:
     """The reference trajectory by deterministic DDIM inversion of the source latent.
 

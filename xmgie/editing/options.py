@@ -212,7 +212,8 @@ class AutoMaskOptions:
         mode: ``auto`` — estimate a mask; the edit is ``local`` to it, or ``global`` (PFB, CAM and GB off) when
             the estimate covers ``global_fraction`` of the image or more, is empty, or comes from a flat
             difference map; ``always`` — always edit inside the estimated mask, whatever it covers; ``off`` — no
-            estimate: without a mask the edit is global.
+            estimate: without a mask the edit is global; ``None`` (the default) — the model's mode (its
+            ``model_index.json``'s ``auto_mask_mode``: ``off`` for ``mini``, whose estimates miss), else ``auto``.
         draws: noise draws averaged.
         strength: noise level of the draws, as a fraction of the training schedule.
         ratio: the difference map is clamped to ``ratio`` times its mean (DiffEdit's ``mask_thresholding_ratio``).
@@ -225,7 +226,7 @@ class AutoMaskOptions:
     """
 
     enabled: bool = True
-    mode: str = "auto"
+    mode: str | None = None
     draws: int = 8
     strength: float = 0.5
     ratio: float = 3.0
@@ -236,7 +237,8 @@ class AutoMaskOptions:
 
     def __post_init__(self) -> None:
         _check_flag("auto_mask.enabled", self.enabled)
-        _check_choice("auto_mask.mode", self.mode, AUTO_MASK_MODES)
+        if self.mode is not None:
+            _check_choice("auto_mask.mode", self.mode, AUTO_MASK_MODES)
         # One spelling per meaning, so that equal options give equal batch keys.
         if not self.enabled:
             object.__setattr__(self, "mode", "off")
@@ -281,8 +283,9 @@ class EditOptions:
 
     Attributes:
         num_inference_steps: denoising steps of the diffusion stage.
-        guidance_scale: text (edit) guidance of the three-way classifier-free guidance.
-        image_guidance_scale: image guidance; 1.5 keeps InstructPix2Pix's balance.
+        guidance_scale: text (edit) guidance of the three-way classifier-free guidance; ``None``: the model's
+            (``model_index.json``), else InstructPix2Pix's 7.5.
+        image_guidance_scale: image guidance; ``None``: the model's, else InstructPix2Pix's 1.5.
         seed: seed of the item's noise; ``None`` draws one.
         max_side: the long side the model works at (multiple of 8); outputs come back at the input's size.
         max_new_tokens: generation budget of the MLLM for the expressive instruction and ``[IMG]`` tokens.
@@ -292,8 +295,8 @@ class EditOptions:
     """
 
     num_inference_steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
     seed: int | None = None
     max_side: int = DEFAULT_MAX_SIDE
     max_new_tokens: int = 96
@@ -310,8 +313,10 @@ class EditOptions:
             raise _invalid("num_inference_steps", self.num_inference_steps, f"an integer in [1, {MAX_STEPS}]")
         for name in ("guidance_scale", "image_guidance_scale"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 50.0:
-                raise _invalid(name, value, "a number in [0, 50]")
+                raise _invalid(name, value, "a number in [0, 50] or null (the model's)")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
         ):

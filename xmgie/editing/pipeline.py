@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import PIL.Image
@@ -23,6 +23,7 @@ from xmgie.editing.blending import (
     FeatureBlender,
     blend_modules,
     ddim_inverted_latents,
+    epsilon_from_prediction,
     noised_reference_latents,
 )
 from xmgie.editing.blur import composite_images, resize_mask, soften_mask
@@ -95,6 +96,12 @@ class XMGIEPipeline(DiffusionPipeline):
         identity_adapter ([`IdentityAdapter`], optional): IP-Adapter-style identity projections (IE).
         max_working_side (`int`, optional): the largest long side the model edits at (the size it was trained
             at); a larger ``max_side`` is lowered to it. Saved in ``model_index.json``.
+        guidance_scale, image_guidance_scale (`float`, optional): the guidance this model edits with when a call
+            gives none (saved in ``model_index.json``); ``None``: InstructPix2Pix's 7.5 and 1.5. A model trained on
+            edits with one right answer (``mini``) wants guidance near 1: a larger scale extrapolates past it.
+        auto_mask_mode (`str`, optional): the automatic mask's mode when a call leaves it unset (``auto``,
+            ``always`` or ``off``; saved in ``model_index.json``); ``None``: ``auto``. A model whose estimates
+            cannot be trusted says ``off``: its unmasked edits are then global instead of confined to a wrong blob.
     """
 
     model_cpu_offload_seq = "mllm->edit_head->image_encoder->identity_adapter->unet->vae"
@@ -120,6 +127,9 @@ class XMGIEPipeline(DiffusionPipeline):
         image_encoder=None,
         identity_adapter: IdentityAdapter | None = None,
         max_working_side: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        auto_mask_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -135,8 +145,33 @@ class XMGIEPipeline(DiffusionPipeline):
         )
         # A model trained at one size edits at most at that size (``mini``: 64 px); ``None``: no limit.
         self.register_to_config(max_working_side=max_working_side)
+        self.register_to_config(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
+        self.register_to_config(auto_mask_mode=auto_mask_mode)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def resolve_guidance(
+        self, guidance_scale: float | None = None, image_guidance_scale: float | None = None
+    ) -> tuple[float, float]:
+        """The text and image guidance of an edit: the given ones, else the model's (its ``model_index.json``),
+        else InstructPix2Pix's (:data:`DEFAULT_GUIDANCE_SCALE`, :data:`DEFAULT_IMAGE_GUIDANCE_SCALE`)."""
+        resolved = []
+        for given, name, fallback in (
+            (guidance_scale, "guidance_scale", DEFAULT_GUIDANCE_SCALE),
+            (image_guidance_scale, "image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE),
+        ):
+            model_default = self.config.get(name)
+            if given is None:
+                given = model_default if model_default is not None else fallback
+            resolved.append(float(given))
+        return resolved[0], resolved[1]
+
+    def resolve_auto_mask(self, auto_mask: AutoMaskOptions) -> AutoMaskOptions:
+        """``auto_mask`` with an unset mode made the model's (``model_index.json``'s ``auto_mask_mode``, else
+        ``auto``)."""
+        if auto_mask.mode is not None:
+            return auto_mask
+        return replace(auto_mask, mode=self.config.get("auto_mask_mode") or "auto")
 
     # ------------------------------------------------------------------ offload
 
@@ -317,8 +352,8 @@ class XMGIEPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor,
         *,
         num_inference_steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         generator: GeneratorInput = None,
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
@@ -354,6 +389,7 @@ class XMGIEPipeline(DiffusionPipeline):
         """
         device = self._execution_device
         batch_size = image_latents.shape[0]
+        guidance_scale, image_guidance_scale = self.resolve_guidance(guidance_scale, image_guidance_scale)
         do_cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
         num_branches = 3 if do_cfg else 1
         dtype = self.unet.dtype
@@ -523,8 +559,9 @@ class XMGIEPipeline(DiffusionPipeline):
         def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
             model_input = torch.cat([x, image_latents], dim=1).to(self.unet.dtype)
             conditioning = negative_prompt_embeds.to(self.unet.dtype)
-            noise = self.unet(model_input, t, encoder_hidden_states=conditioning, return_dict=False)[0]
-            return noise.to(x.dtype)
+            output = self.unet(model_input, t, encoder_hidden_states=conditioning, return_dict=False)[0]
+            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+            return epsilon_from_prediction(output, x, self.scheduler.alphas_cumprod[t], prediction_type).to(x.dtype)
 
         return ddim_inverted_latents(self.scheduler, predict_noise, source)
 
@@ -647,8 +684,8 @@ class XMGIEPipeline(DiffusionPipeline):
         instruction: str | Sequence[str],
         mask: PIL.Image.Image | Sequence[PIL.Image.Image | None] | None = None,
         num_inference_steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         generator: GeneratorInput = None,
         max_side: int = DEFAULT_MAX_SIDE,
         max_new_tokens: int = MAX_NEW_TOKENS,
@@ -670,7 +707,8 @@ class XMGIEPipeline(DiffusionPipeline):
             instruction: one instruction per image.
             mask: optional masks (mode ``L``, white = edit) at their image's size; where an item has none and
                 ``auto_mask`` is on, a mask is estimated from the model and returned in the output.
-            num_inference_steps, guidance_scale, image_guidance_scale: as in InstructPix2Pix.
+            num_inference_steps, guidance_scale, image_guidance_scale: as in InstructPix2Pix; ``None`` guidance
+                is the model's (:meth:`resolve_guidance`).
             generator: one generator, or one per image so that each item's result depends on its seed only.
             max_side: the long side the model works at (at most the model's ``max_working_side``, when it has
                 one); results come back at each input's size.
@@ -687,9 +725,11 @@ class XMGIEPipeline(DiffusionPipeline):
         images, instructions, masks = self.check_inputs(
             image, instruction, mask, generator, callback_on_step_end_tensor_inputs
         )
+        guidance_scale, image_guidance_scale = self.resolve_guidance(guidance_scale, image_guidance_scale)
         pfb, cam, ie, gb, auto_mask = EditOptions(
             pfb=pfb, cam=cam, ie=ie, gb=gb, auto_mask=auto_mask
         ).extension_groups()
+        auto_mask = self.resolve_auto_mask(auto_mask)
         identity_images = (
             list(identity_image) if isinstance(identity_image, list | tuple) else [identity_image] * len(images)
         )

@@ -54,9 +54,9 @@ class Settings(BaseSettings):
     reports the silent ones as failed."""
 
     # The model.
-    model: str = "tiny"
-    """A model directory, or a preset: ``tiny`` (random weights) or ``mini`` (once its trained weights are in the
-    package)."""
+    model: str = "mini"
+    """A model directory, or a preset: ``mini`` (trained on this project's synthetic edits, shipped in the package)
+    or ``tiny`` (random weights, for tests)."""
     model_cache_dir: Path | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
