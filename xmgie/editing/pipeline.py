@@ -145,33 +145,33 @@ class XMGIEPipeline(DiffusionPipeline):
         )
         # A model trained at one size edits at most at that size (``mini``: 64 px); ``None``: no limit.
         self.register_to_config(max_working_side=max_working_side)
-        self.register_to_config(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
-        self.register_to_config(auto_mask_mode=auto_mask_mode)
+        self.register_to_config(
+            guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, auto_mask_mode=auto_mask_mode
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _model_setting(self, given, name: str, fallback):
+        """``given``, else the model's setting ``name`` (its ``model_index.json``), else ``fallback``."""
+        if given is not None:
+            return given
+        setting = self.config.get(name)
+        return fallback if setting is None else setting
 
     def resolve_guidance(
         self, guidance_scale: float | None = None, image_guidance_scale: float | None = None
     ) -> tuple[float, float]:
         """The text and image guidance of an edit: the given ones, else the model's (its ``model_index.json``),
         else InstructPix2Pix's (:data:`DEFAULT_GUIDANCE_SCALE`, :data:`DEFAULT_IMAGE_GUIDANCE_SCALE`)."""
-        resolved = []
-        for given, name, fallback in (
-            (guidance_scale, "guidance_scale", DEFAULT_GUIDANCE_SCALE),
-            (image_guidance_scale, "image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE),
-        ):
-            model_default = self.config.get(name)
-            if given is None:
-                given = model_default if model_default is not None else fallback
-            resolved.append(float(given))
-        return resolved[0], resolved[1]
+        return (
+            float(self._model_setting(guidance_scale, "guidance_scale", DEFAULT_GUIDANCE_SCALE)),
+            float(self._model_setting(image_guidance_scale, "image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE)),
+        )
 
     def resolve_auto_mask(self, auto_mask: AutoMaskOptions) -> AutoMaskOptions:
         """``auto_mask`` with an unset mode made the model's (``model_index.json``'s ``auto_mask_mode``, else
         ``auto``)."""
-        if auto_mask.mode is not None:
-            return auto_mask
-        return replace(auto_mask, mode=self.config.get("auto_mask_mode") or "auto")
+        return replace(auto_mask, mode=self._model_setting(auto_mask.mode, "auto_mask_mode", "auto"))
 
     # ------------------------------------------------------------------ offload
 
