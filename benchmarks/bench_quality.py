@@ -12,10 +12,15 @@ pipeline reports every edit ``local`` (global kinds' masks are the whole image),
 means something for ``auto`` rows only. Every configuration
 edits item ``i`` with the same seed (``--seed`` + i). Prints one table (rows = configuration × mask
 source; L1 ratio on global and local kinds, PSNR inside and outside, far-outside-equal share,
-automatic-mask IoU on local kinds, scope accuracy, names-kind share) and per-kind tables of ``all``
-with the automatic mask and of ``plain``.
+automatic-mask IoU on local kinds, scope accuracy, names-kind share), per-kind tables of ``all``
+with the automatic mask and of ``plain``, and the per-kind *autoencoder floor*: each target through the
+model's VAE and back (:func:`xmgie.quality.autoencoder_round_trip`), the closest any edit of this model can
+come to it whatever its UNet learnt, and the per-kind *conditioning separation*: the distance from each
+kind's mean edit conditioning to the nearest other kind's (:func:`xmgie.quality.conditioning_separation`);
+kinds whose conditionings lie as close as their own spread get the same edit.
 
     python benchmarks/bench_quality.py --model tiny --limit 3 --steps 2
+    python benchmarks/bench_quality.py --model mini --data synth --per-kind 2 --steps 20
     python benchmarks/bench_quality.py --model models/mgie --data data/synth --steps 20 --json quality.json
 """
 
@@ -35,7 +40,17 @@ from xmgie.cli import DEFAULT_CACHE_DIR
 from xmgie.loading import directory
 from xmgie.loading.directory import load_pipeline
 from xmgie.metrics import json_safe
-from xmgie.quality import EXTENSIONS, LOCAL_KINDS, aggregate, edit_and_score, format_table, read_paired_metadata
+from xmgie.quality import (
+    EXTENSIONS,
+    LOCAL_KINDS,
+    aggregate,
+    autoencoder_round_trip,
+    conditioning_separation,
+    edit_and_score,
+    format_table,
+    item_scores,
+    read_paired_metadata,
+)
 from xmgie.training.synth import write_synthetic_dataset
 
 CONFIGURATIONS: dict[str, tuple[str, ...]] = {
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="synthetic dataset (its test/ split) or a split folder")
     parser.add_argument("--count", type=int, default=60, help="items of the dataset written without --data")
     parser.add_argument("--limit", type=int, help="edit N held-out items, evenly spaced")
+    parser.add_argument("--per-kind", type=int, help="edit the first N held-out items of every kind")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-side", type=int, default=64, help="long side the model works at")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data written and of item 0's noise")
@@ -138,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_paired_metadata(folder)
         for index, row in enumerate(rows):
             row["index"] = index
+        if args.per_kind is not None:
+            seen: dict[str, int] = {}
+            kept = []
+            for row in rows:
+                seen[row["kind"]] = seen.get(row["kind"], 0) + 1
+                if seen[row["kind"]] <= args.per_kind:
+                    kept.append(row)
+            rows = kept
         if args.limit is not None and args.limit < len(rows):
             # Evenly spaced over the split, whose kinds take turns: a small limit spans global and local kinds.
             rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, max(1, args.limit))]
@@ -149,7 +173,20 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 scored.append(edit_item(pipe, row, folder, configuration, mask_source, args))
             print(f"{configuration}/{mask_source}: {len(rows)} items", file=sys.stderr)
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        floor = [
+            {
+                "kind": row["kind"],
+                **item_scores(
+                    folder / row["source_file"],
+                    folder / row["target_file"],
+                    autoencoder_round_trip(pipe, folder / row["target_file"]),
+                    folder / row["mask_file"],
+                ),
+            }
+            for row in rows
+        ]
+        separation = conditioning_separation(pipe, rows, folder)
 
     table = {
         f"{configuration} / {mask_source}": summary(
@@ -161,17 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         key: aggregate([r for r in scored if (r["configuration"], r["mask_source"]) == pair])
         for key, pair in (("all / auto", ("all", "auto")), ("plain / none", ("plain", "none")))
     }
+    per_kind["autoencoder floor (target through the VAE)"] = aggregate(floor)
     print(f"model {args.model}, {len(rows)} held-out items, {args.steps} steps, {seconds:.1f} s\n")
     print(format_table(table, ("n", *COLUMNS), label="configuration / mask"))
     for key, kinds in per_kind.items():
         print(f"\nper kind, {key}:\n")
         print(format_table(kinds))
+    print("\nconditioning separation (distance of each kind's mean conditioning to the nearest other kind's):\n")
+    print("| kind | n | nearest kind | distance | own spread |\n|---|---:|---|---:|---:|")
+    for kind, row in sorted(separation.items()):
+        distance = "–" if row["distance"] is None else f"{row['distance']:.2f}"
+        print(f"| {kind} | {row['n']} | {row['nearest'] or '–'} | {distance} | {row['spread']:.2f} |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "settings": {**vars(args), "data": str(folder)},
             "table": table,
             "per_kind": per_kind,
+            "conditioning_separation": separation,
             "rows": scored,
         }
         args.json.write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n", encoding="utf-8")

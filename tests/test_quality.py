@@ -216,3 +216,21 @@ def test_eval_paired_bad_row_names_it(split: Path, tmp_path: Path) -> None:
     with pytest.raises(EditInputError) as caught:
         read_paired_metadata(broken)
     assert caught.value.code == "invalid_metadata"
+
+
+def test_conditioning_separation_finds_kinds_the_edit_head_cannot_tell_apart(split: Path, tiny_pipe) -> None:
+    from xmgie.quality import conditioning_separation
+
+    first, second = read_paired_metadata(split)[:2]
+    rows = [
+        {**first, "kind": "a"},
+        {**second, "kind": "a"},
+        # "same" is "a" again under another name: the UNet could never tell them apart
+        {**first, "kind": "same"},
+        {**second, "kind": "same"},
+        {**first, "kind": "other", "instruction": "turn the sky into a sunset"},
+    ]
+    table = conditioning_separation(tiny_pipe, rows, split)
+    assert table["a"]["nearest"] == "same" and table["a"]["distance"] == pytest.approx(0.0, abs=1e-5)
+    assert table["other"]["nearest"] in {"a", "same"} and table["other"]["distance"] > 1e-3
+    assert table["a"]["n"] == 2 and table["a"]["spread"] > 0 and table["other"]["spread"] == 0

@@ -25,6 +25,11 @@ and the true edit region (white = edited). Against them an output is scored by
 PSNRs of identical pixels are capped at :data:`PSNR_CAP` dB. :func:`aggregate` averages rows per
 kind (or any other key), :func:`format_table` prints the result as a markdown table, and
 :func:`evaluate_paired` scores a folder of outputs against a synthetic split (``xmgie eval --paired``).
+
+:func:`autoencoder_round_trip` is the target through a model's VAE: every output of the model is a decoded
+latent, so the round trip's scores are the best any of its edits can reach (its *floor*), whatever the UNet.
+:func:`conditioning_separation` says which kinds the edit head tells apart: the UNet sees nothing else of
+the instruction, so two kinds with nearly the same conditioning get the same edit.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ __all__ = [
     "LOCAL_KINDS",
     "PSNR_CAP",
     "aggregate",
+    "autoencoder_round_trip",
+    "conditioning_separation",
     "edit_and_score",
     "evaluate_paired",
     "format_table",
@@ -270,6 +277,60 @@ def item_scores(
         "scope_correct": scope_correct,
         "names_kind": names_kind(expressive, kind),
     }
+
+
+def autoencoder_round_trip(pipe: Any, image: ArrayLike) -> np.ndarray:
+    """``image`` encoded (the posterior's mode) and decoded by ``pipe``'s VAE at its own size, as uint8 RGB.
+
+    The side must be a multiple of the VAE's factor. No edit of ``pipe`` can come closer to a target than the
+    target's own round trip does, except where a composite pastes source pixels back.
+    """
+    import torch
+
+    pixels = _rgb(image)
+    vae = pipe.vae
+    tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].to(vae.device, vae.dtype) / 127.5 - 1.0
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(tensor).latent_dist.mode()).sample
+    decoded = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return decoded.permute(1, 2, 0).cpu().numpy()
+
+
+def conditioning_separation(
+    pipe: Any, rows: Sequence[Mapping[str, Any]], folder: str | os.PathLike
+) -> dict[str, dict[str, Any]]:
+    """Per kind of ``rows``: how far its mean edit conditioning lies from the nearest other kind's.
+
+    Each row's source and instruction go through the MLLM and the edit head as in an edit; per kind the
+    conditionings (flattened) are averaged. Returns ``{kind: {"n", "nearest", "distance", "spread"}}``:
+    the nearest other kind, the Euclidean distance between the two means, and the kind's own spread (mean
+    distance of its items from their mean). A distance near the spreads means the UNet cannot tell the
+    two kinds apart.
+    """
+    import torch
+
+    from xmgie.editing.mllm import MAX_NEW_TOKENS
+
+    folder = Path(folder)
+    vectors: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for row in rows:
+            source = Image.open(folder / row["source_file"]).convert("RGB")
+            conditioning, _, _ = pipe.encode_instructions([source], [row["instruction"]], MAX_NEW_TOKENS, {})
+            vectors.setdefault(row["kind"], []).append(conditioning[0].flatten().float().cpu())
+    means = {kind: torch.stack(items).mean(dim=0) for kind, items in vectors.items()}
+    table: dict[str, dict[str, Any]] = {}
+    for kind, mean in means.items():
+        others = {other: float((mean - means[other]).norm()) for other in means if other != kind}
+        nearest = min(others, key=others.get) if others else None
+        spread = float(torch.stack(vectors[kind]).sub(mean).norm(dim=1).mean())
+        table[kind] = {
+            "n": len(vectors[kind]),
+            "nearest": nearest,
+            "distance": others.get(nearest) if nearest else None,
+            "spread": spread,
+        }
+    return table
 
 
 EXTENSIONS = ("pfb", "cam", "ie", "gb")

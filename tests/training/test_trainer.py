@@ -127,6 +127,35 @@ def test_a_resumed_run_ends_with_the_parameters_of_the_uninterrupted_one(pairs, 
         assert not same(parameters(getattr(first, name)), parameters(getattr(middle, name))), name
 
 
+def test_cached_latents_train_as_encoding_at_every_step_and_encode_each_image_once(
+    pairs, model_cache, tmp_path, monkeypatch
+):
+    from diffusers import AutoencoderKL
+
+    encoded = []
+    original = AutoencoderKL.encode
+
+    def counting_encode(self, x, *args, **kwargs):
+        encoded.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    plain = train(config(pairs, tmp_path / "plain", model_cache, max_steps=4))
+    encoded_plain, encoded[:] = sum(encoded), []
+    cached = train(config(pairs, tmp_path / "cached", model_cache, max_steps=4, cache_latents=True))
+    # Every step encodes its sources and targets (2 + 2 images); the cache encodes the 2 pairs once.
+    assert encoded_plain == 4 * 4
+    assert sum(encoded) == 2 * 2
+    for before, after in zip(plain.history, cached.history, strict=True):
+        for name in ("instruction_loss", "edit_loss"):
+            assert after[name] == pytest.approx(before[name], rel=1e-4, abs=1e-6), (name, before, after)
+    first = load_pipeline(tmp_path / "plain", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    second = load_pipeline(tmp_path / "cached", cache_dir=model_cache, device="cpu", dtype=torch.float32)
+    for name in ("edit_head", "unet"):
+        a, b = parameters(getattr(first, name)), parameters(getattr(second, name))
+        assert all(torch.allclose(a[key], b[key], atol=1e-5) for key in a), name
+
+
 def test_frozen_components_do_not_change(pairs, tiny_pipe, model_cache, tmp_path):
     train(config(pairs, tmp_path / "head", model_cache, train=("edit_head",), max_steps=2))
     head_only = load_pipeline(tmp_path / "head", cache_dir=model_cache, device="cpu", dtype=torch.float32)
@@ -208,10 +237,11 @@ def test_the_command_trains_in_bf16_and_the_directory_edits(pairs, tiny_dir, mod
     out = tmp_path / "model"
     command = [sys.executable, "-m", "xmgie.cli", "train", "--data", str(pairs), "--output-dir", str(out)]
     command += ["--model", str(tiny_dir), "--resolution", str(RESOLUTION), "--batch-size", "2", "--max-steps", "2"]
-    command += ["--precision", "bf16", "--no-progress"]
+    command += ["--precision", "bf16", "--cache-latents", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr
     assert "trained 2 steps" in done.stdout
+    assert json.loads((out / "training_config.json").read_text())["cache_latents"] is True
     source = pairs / "images" / "00000_source.png"
     assert (
         main(

@@ -48,6 +48,12 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     train.add_argument("--resume", help="a checkpoint folder, or 'latest' (the newest under OUTPUT/checkpoints)")
     train.add_argument("--num-workers", type=int, default=0, help="data loading processes")
+    train.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode every item with the frozen VAE once before training, not at every step (faster; memory: "
+        "three latents per item)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     data = commands.add_parser("data", help="training data tools")
@@ -101,6 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         num_workers=args.num_workers,
+        cache_latents=args.cache_latents,
         progress=not args.no_progress,
     )
     result = train(config)

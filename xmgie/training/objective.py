@@ -188,6 +188,44 @@ class StepNoise:
         return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image)
 
 
+@dataclass
+class CachedLatents:
+    """A batch's VAE encodings, computed before training (``cache_latents``): the target's posterior mean and
+    standard deviation, unscaled, and the source's mode."""
+
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+    source: torch.Tensor
+
+
+class LatentCache:
+    """Every item's VAE encodings, computed once: the VAE is frozen in MGIE's objective, so encoding the same
+    images at every step only repeats work (with ``cache_latents`` the step skips the VAE's encoder)."""
+
+    def __init__(self, target_mean: torch.Tensor, target_std: torch.Tensor, source: torch.Tensor) -> None:
+        self.target_mean, self.target_std, self.source = target_mean, target_std, source
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, vae, dataset, device, chunk: int = 32) -> LatentCache:
+        """Encode the ``source_pixels`` and ``target_pixels`` of every item of ``dataset``, ``chunk`` at a time."""
+        means, stds, sources = [], [], []
+        for start in range(0, len(dataset), chunk):
+            items = [dataset[index] for index in range(start, min(start + chunk, len(dataset)))]
+            target = torch.stack([item["target_pixels"] for item in items]).to(device, vae.dtype)
+            source = torch.stack([item["source_pixels"] for item in items]).to(device, vae.dtype)
+            posterior = vae.encode(target).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            sources.append(vae.encode(source).latent_dist.mode())
+        return cls(torch.cat(means), torch.cat(stds), torch.cat(sources))
+
+    def batch(self, indices: list[int]) -> CachedLatents:
+        """The encodings of the items ``indices``."""
+        rows = torch.as_tensor(indices, device=self.source.device)
+        return CachedLatents(self.target_mean[rows], self.target_std[rows], self.source[rows])
+
+
 class MGIEObjective(nn.Module):
     """The trained model as one module whose forward returns MGIE's two losses.
 
@@ -209,8 +247,13 @@ class MGIEObjective(nn.Module):
         source_pixels: torch.Tensor,
         target_pixels: torch.Tensor,
         noise: StepNoise,
+        cached: CachedLatents | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``instruction_loss`` and ``edit_loss`` of a batch, and the ``conditioning_spread`` (no gradient)."""
+        """``instruction_loss`` and ``edit_loss`` of a batch, and the ``conditioning_spread`` (no gradient).
+
+        ``cached`` are the batch's VAE encodings when they were computed before training; the pixels are then
+        not encoded again.
+        """
         device = source_pixels.device
         # 1. Instruction loss: teacher-forced cross-entropy on the answer tokens
         out = self.mllm(
@@ -236,11 +279,15 @@ class MGIEObjective(nn.Module):
         # 3. Latents: the target's sampled from the VAE posterior and scaled, the source's its mode, unscaled
         with torch.no_grad():
             vae_dtype = self.vae.dtype
-            posterior = self.vae.encode(target_pixels.to(vae_dtype)).latent_dist
-            latents = (posterior.mean + posterior.std * noise.latent_noise.to(device, vae_dtype)) * (
+            if cached is None:
+                posterior = self.vae.encode(target_pixels.to(vae_dtype)).latent_dist
+                cached = CachedLatents(
+                    posterior.mean, posterior.std, self.vae.encode(source_pixels.to(vae_dtype)).latent_dist.mode()
+                )
+            latents = (cached.target_mean + cached.target_std * noise.latent_noise.to(device, vae_dtype)) * (
                 self.vae.config.scaling_factor
             )
-            source_latents = self.vae.encode(source_pixels.to(vae_dtype)).latent_dist.mode()
+            source_latents = cached.source
         keep_image = (~noise.drop_image.to(device)).to(source_latents.dtype)[:, None, None, None]
         source_latents = source_latents * keep_image
 
