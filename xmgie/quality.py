@@ -287,13 +287,13 @@ def autoencoder_round_trip(pipe: Any, image: ArrayLike) -> np.ndarray:
     """
     import torch
 
-    pixels = _rgb(image)
+    from xmgie.editing.images import image_to_tensor, tensor_to_image
+
     vae = pipe.vae
-    tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].to(vae.device, vae.dtype) / 127.5 - 1.0
+    pixels = image_to_tensor(Image.fromarray(_rgb(image)))[None].to(vae.device, vae.dtype)
     with torch.no_grad():
-        decoded = vae.decode(vae.encode(tensor).latent_dist.mode()).sample
-    decoded = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return decoded.permute(1, 2, 0).cpu().numpy()
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    return np.asarray(tensor_to_image(decoded[0]))
 
 
 def conditioning_separation(

@@ -143,10 +143,13 @@ class XMGIEPipeline(DiffusionPipeline):
             image_encoder=image_encoder,
             identity_adapter=identity_adapter,
         )
-        # A model trained at one size edits at most at that size (``mini``: 64 px); ``None``: no limit.
-        self.register_to_config(max_working_side=max_working_side)
+        # Saved in model_index.json: the largest working size (a model trained at one size edits at most at it;
+        # ``None``: no limit) and the guidance and automatic-mask mode a call without them gets.
         self.register_to_config(
-            guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, auto_mask_mode=auto_mask_mode
+            max_working_side=max_working_side,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            auto_mask_mode=auto_mask_mode,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -556,11 +559,12 @@ class XMGIEPipeline(DiffusionPipeline):
             noise = randn_tensor(source.shape, generator=generator, device=source.device, dtype=source.dtype)
             return noised_reference_latents(self.scheduler, source, noise)
 
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+
         def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
             model_input = torch.cat([x, image_latents], dim=1).to(self.unet.dtype)
             conditioning = negative_prompt_embeds.to(self.unet.dtype)
             output = self.unet(model_input, t, encoder_hidden_states=conditioning, return_dict=False)[0]
-            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
             return epsilon_from_prediction(output, x, self.scheduler.alphas_cumprod[t], prediction_type).to(x.dtype)
 
         return ddim_inverted_latents(self.scheduler, predict_noise, source)

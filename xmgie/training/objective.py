@@ -189,41 +189,41 @@ class StepNoise:
 
 
 @dataclass
-class CachedLatents:
-    """A batch's VAE encodings, computed before training (``cache_latents``): the target's posterior mean and
-    standard deviation, unscaled, and the source's mode."""
+class PairLatents:
+    """VAE encodings of pairs: the target's posterior mean and standard deviation, unscaled, and the source's mode.
+
+    The VAE is frozen in MGIE's objective, so with ``cache_latents`` a whole dataset's are computed once
+    (:meth:`of_dataset`) and each step takes its items' rows (:meth:`rows`) instead of encoding them again.
+    """
 
     target_mean: torch.Tensor
     target_std: torch.Tensor
     source: torch.Tensor
 
-
-class LatentCache:
-    """Every item's VAE encodings, computed once: the VAE is frozen in MGIE's objective, so encoding the same
-    images at every step only repeats work (with ``cache_latents`` the step skips the VAE's encoder)."""
-
-    def __init__(self, target_mean: torch.Tensor, target_std: torch.Tensor, source: torch.Tensor) -> None:
-        self.target_mean, self.target_std, self.source = target_mean, target_std, source
-
     @classmethod
     @torch.no_grad()
-    def encode(cls, vae, dataset, device, chunk: int = 32) -> LatentCache:
+    def of(cls, vae, source_pixels: torch.Tensor, target_pixels: torch.Tensor) -> PairLatents:
+        """Encode a batch of sources and targets (pixels in [-1, 1]) with ``vae``."""
+        posterior = vae.encode(target_pixels.to(vae.dtype)).latent_dist
+        return cls(posterior.mean, posterior.std, vae.encode(source_pixels.to(vae.dtype)).latent_dist.mode())
+
+    @classmethod
+    def of_dataset(cls, vae, dataset, device, chunk: int = 32) -> PairLatents:
         """Encode the ``source_pixels`` and ``target_pixels`` of every item of ``dataset``, ``chunk`` at a time."""
-        means, stds, sources = [], [], []
+        parts = []
         for start in range(0, len(dataset), chunk):
             items = [dataset[index] for index in range(start, min(start + chunk, len(dataset)))]
-            target = torch.stack([item["target_pixels"] for item in items]).to(device, vae.dtype)
-            source = torch.stack([item["source_pixels"] for item in items]).to(device, vae.dtype)
-            posterior = vae.encode(target).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-            sources.append(vae.encode(source).latent_dist.mode())
-        return cls(torch.cat(means), torch.cat(stds), torch.cat(sources))
+            sources = torch.stack([item["source_pixels"] for item in items]).to(device)
+            targets = torch.stack([item["target_pixels"] for item in items]).to(device)
+            parts.append(cls.of(vae, sources, targets))
+        return cls(
+            *(torch.cat([getattr(part, name) for part in parts]) for name in ("target_mean", "target_std", "source"))
+        )
 
-    def batch(self, indices: list[int]) -> CachedLatents:
+    def rows(self, indices: list[int]) -> PairLatents:
         """The encodings of the items ``indices``."""
-        rows = torch.as_tensor(indices, device=self.source.device)
-        return CachedLatents(self.target_mean[rows], self.target_std[rows], self.source[rows])
+        index = torch.as_tensor(indices, device=self.source.device)
+        return PairLatents(self.target_mean[index], self.target_std[index], self.source[index])
 
 
 class MGIEObjective(nn.Module):
@@ -247,7 +247,7 @@ class MGIEObjective(nn.Module):
         source_pixels: torch.Tensor,
         target_pixels: torch.Tensor,
         noise: StepNoise,
-        cached: CachedLatents | None = None,
+        cached: PairLatents | None = None,
     ) -> dict[str, torch.Tensor]:
         """``instruction_loss`` and ``edit_loss`` of a batch, and the ``conditioning_spread`` (no gradient).
 
@@ -280,10 +280,7 @@ class MGIEObjective(nn.Module):
         with torch.no_grad():
             vae_dtype = self.vae.dtype
             if cached is None:
-                posterior = self.vae.encode(target_pixels.to(vae_dtype)).latent_dist
-                cached = CachedLatents(
-                    posterior.mean, posterior.std, self.vae.encode(source_pixels.to(vae_dtype)).latent_dist.mode()
-                )
+                cached = PairLatents.of(self.vae, source_pixels, target_pixels)
             latents = (cached.target_mean + cached.target_std * noise.latent_noise.to(device, vae_dtype)) * (
                 self.vae.config.scaling_factor
             )

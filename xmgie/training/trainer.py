@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Sampler
 from xmgie.editing.errors import EditInputError
 from xmgie.training.data import PairedEditDataset, collate_pairs, read_pairs
 from xmgie.training.objective import (
-    LatentCache,
     MGIEObjective,
+    PairLatents,
     StepNoise,
     build_teacher_forcing_batch,
     num_image_tokens,
@@ -275,7 +275,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         collate_fn=collate_pairs,
         num_workers=config.num_workers,
     )
-    latent_cache = LatentCache.encode(pipe.vae, dataset, accelerator.device) if config.cache_latents else None
+    latent_cache = PairLatents.of_dataset(pipe.vae, dataset, accelerator.device) if config.cache_latents else None
     latent_shape = (pipe.vae.config.latent_channels, resolution // vae_factor, resolution // vae_factor)
     image_tokens = num_image_tokens(pipe.mllm)
     unreachable = unreachable_answer_lines(pipe.tokenizer, pairs, image_tokens)
@@ -322,7 +322,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
                 batch["source_pixels"].to(accelerator.device),
                 batch["target_pixels"].to(accelerator.device),
                 noise,
-                latent_cache.batch(batch["index"]) if latent_cache is not None else None,
+                latent_cache.rows(batch["index"]) if latent_cache is not None else None,
             )
             loss = (
                 config.instruction_loss_weight * losses["instruction_loss"]
