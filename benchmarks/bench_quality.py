@@ -16,8 +16,9 @@ automatic-mask IoU on local kinds, scope accuracy, names-kind share), per-kind t
 with the automatic mask and of ``plain``, and the per-kind *autoencoder floor*: each target through the
 model's VAE and back (:func:`xmgie.quality.autoencoder_round_trip`), the closest any edit of this model can
 come to it whatever its UNet learnt, and the per-kind *conditioning separation*: the distance from each
-kind's mean edit conditioning to the nearest other kind's (:func:`xmgie.quality.conditioning_separation`);
-kinds whose conditionings lie as close as their own spread get the same edit.
+kind's mean edit conditioning to the nearest other kind's (:func:`xmgie.quality.conditioning_separation`),
+also in units of the two kinds' spreads: kinds whose conditionings lie as close as their own spread get the
+same edit; kinds far apart that still get the same edit point at the UNet, not the conditioning.
 
     python benchmarks/bench_quality.py --model tiny --limit 3 --steps 2
     python benchmarks/bench_quality.py --model mini --data synth --per-kind 2 --steps 20
@@ -205,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nper kind, {key}:\n")
         print(format_table(kinds))
     print("\nconditioning separation (distance of each kind's mean conditioning to the nearest other kind's):\n")
-    print("| kind | n | nearest kind | distance | own spread |\n|---|---:|---|---:|---:|")
+    print("| kind | n | nearest kind | distance | own spread | distance / spreads |\n|---|---:|---|---:|---:|---:|")
     for kind, row in sorted(separation.items()):
         distance = "–" if row["distance"] is None else f"{row['distance']:.2f}"
-        print(f"| {kind} | {row['n']} | {row['nearest'] or '–'} | {distance} | {row['spread']:.2f} |")
+        ratio = "–" if row["ratio"] is None else f"{row['ratio']:.1f}"
+        print(f"| {kind} | {row['n']} | {row['nearest'] or '–'} | {distance} | {row['spread']:.2f} | {ratio} |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {

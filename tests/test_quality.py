@@ -234,3 +234,7 @@ def test_conditioning_separation_finds_kinds_the_edit_head_cannot_tell_apart(spl
     assert table["a"]["nearest"] == "same" and table["a"]["distance"] == pytest.approx(0.0, abs=1e-5)
     assert table["other"]["nearest"] in {"a", "same"} and table["other"]["distance"] > 1e-3
     assert table["a"]["n"] == 2 and table["a"]["spread"] > 0 and table["other"]["spread"] == 0
+    # the ratio weighs the distance by the two kinds' spreads: 0 for the duplicate, positive for the other
+    assert table["a"]["ratio"] == pytest.approx(0.0, abs=1e-5)
+    nearest = table["other"]["nearest"]
+    assert table["other"]["ratio"] == pytest.approx(table["other"]["distance"] / (table[nearest]["spread"] / 2))

@@ -302,10 +302,11 @@ def conditioning_separation(
     """Per kind of ``rows``: how far its mean edit conditioning lies from the nearest other kind's.
 
     Each row's source and instruction go through the MLLM and the edit head as in an edit; per kind the
-    conditionings (flattened) are averaged. Returns ``{kind: {"n", "nearest", "distance", "spread"}}``:
-    the nearest other kind, the Euclidean distance between the two means, and the kind's own spread (mean
-    distance of its items from their mean). A distance near the spreads means the UNet cannot tell the
-    two kinds apart.
+    conditionings (flattened) are averaged. Returns ``{kind: {"n", "nearest", "distance", "spread",
+    "ratio"}}``: the nearest other kind, the Euclidean distance between the two means, the kind's own spread
+    (mean distance of its items from their mean) and the distance over the mean of the two kinds' spreads
+    (``None`` where both are 0). A ratio near 1 means the conditioning does not tell the two kinds apart; a
+    large ratio at a small distance means it does, and a UNet that still confuses them reads it too weakly.
     """
     import torch
 
@@ -319,17 +320,19 @@ def conditioning_separation(
             conditioning, _, _ = pipe.encode_instructions([source], [row["instruction"]], MAX_NEW_TOKENS, {})
             vectors.setdefault(row["kind"], []).append(conditioning[0].flatten().float().cpu())
     means = {kind: torch.stack(items).mean(dim=0) for kind, items in vectors.items()}
+    spreads = {kind: float(torch.stack(items).sub(means[kind]).norm(dim=1).mean()) for kind, items in vectors.items()}
     table: dict[str, dict[str, Any]] = {}
     for kind, mean in means.items():
         others = {other: float((mean - means[other]).norm()) for other in means if other != kind}
         nearest = min(others, key=others.get) if others else None
-        spread = float(torch.stack(vectors[kind]).sub(mean).norm(dim=1).mean())
         table[kind] = {
             "n": len(vectors[kind]),
             "nearest": nearest,
             "distance": others.get(nearest) if nearest else None,
-            "spread": spread,
+            "spread": spreads[kind],
         }
+        pair_spread = (spreads[kind] + spreads[nearest]) / 2 if nearest else 0.0
+        table[kind]["ratio"] = table[kind]["distance"] / pair_spread if pair_spread > 0 else None
     return table
 
 

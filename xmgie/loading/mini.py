@@ -5,13 +5,13 @@
 objective on ``xmgie data synth`` pairs. The trained directory is shipped in the package
 (``xmgie/loading/presets/mini``) and loaded through the same ``from_pretrained`` path as any model.
 
-Shapes (all real classes): LLaVA with a 3-layer CLIP vision tower (32 px, patches of 8) and a 2-layer LLaMA
-(hidden 128), a byte-level BPE tokenizer trained on the recipe's instruction language; an edit head of
-width 64; an InstructPix2Pix UNet in SD 1.5's block classes at widths 32–64 on 32×32 latents (cross-attention at
-16×16 and 8×8); a 2-level ``AutoencoderKL`` (factor 2, no mid-block self-attention), so the model works at
-64 px. The scheduler is InstructPix2Pix's with ``v_prediction`` (see :data:`MINI_PREDICTION_TYPE`). The identity
-adapter is not trained: its value projections start at zero, so IE leaves a ``mini`` edit unchanged (the
-identity score is still reported).
+Shapes (all real classes): LLaVA with a 3-layer CLIP vision tower (32 px, patches of 8) and a 2-layer LLaMA (hidden
+128), a byte-level BPE tokenizer trained on the recipe's instruction language; an edit head of width 64; an
+InstructPix2Pix UNet in SD 1.5's block classes at widths 32–64 on 32×32 latents (cross-attention at 16×16 and 8×8,
+and the conditioning pooled into the timestep embedding: :data:`MINI_POOLED_CONDITIONING`); a 2-level
+``AutoencoderKL`` (factor 2, no mid-block self-attention), so the model works at 64 px. The scheduler is
+InstructPix2Pix's with ``v_prediction`` (see :data:`MINI_PREDICTION_TYPE`). The identity adapter is not trained:
+its value projections start at zero, so IE leaves a ``mini`` edit unchanged (the identity score is still reported).
 """
 
 from __future__ import annotations
@@ -49,6 +49,18 @@ MINI_PREDICTION_TYPE = "v_prediction"
 high noise, where an ε-prediction's estimate of the clean latent divides its error by √ᾱ (about 0.07 at
 InstructPix2Pix's last timestep); a v-prediction is the clean latent's there (Salimans & Ho 2022; Lin et al.
 2024 on brightness)."""
+MINI_POOLED_CONDITIONING = {
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 4,
+    "resnet_time_scale_shift": "scale_shift",
+}
+"""How mini's UNet reads the edit conditioning besides cross-attention: attention-pooled into one vector added to
+the timestep embedding (diffusers' ``text`` addition embedding), which every ResNet block turns into a per-channel
+scale and shift of its features (``scale_shift``). Most of mini's edits are global colour transforms, a
+multiplication per channel that a scale expresses directly; cross-attention only adds to features, at 16×16 and
+8×8. Side by side from the same initial weights, 1,000 steps of the recipe (6 held-out items per kind, all
+extensions, user mask): the mean L1 ratio to the target over the 12 kinds fell from 2.01 to 1.16, every global
+kind moved closer to its target, and brighter (1.55 → 0.29) passed the bar beside invert and night."""
 MINI_GUIDANCE_SCALE = 1.0
 MINI_IMAGE_GUIDANCE_SCALE = 1.0
 """The guidance mini edits with by default (saved in its ``model_index.json``): none. Every edit it learnt has one
@@ -156,7 +168,8 @@ def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
             edit_head.img_embeddings.normal_(std=0.02)
         torch.manual_seed(seed + 2)
         # 32×32 latents: no attention at the first and last levels (32×32 and 4×4), as SD 1.5 has none at its
-        # lowest one; cross-attention at 16×16 and 8×8, where PFB's default levels and CAM act.
+        # lowest one; cross-attention at 16×16 and 8×8, where PFB's default levels and CAM act. The conditioning also
+        # reaches every ResNet block as a scale and shift of its features (see MINI_POOLED_CONDITIONING).
         unet = UNet2DConditionModel(
             sample_size=MINI_SIDE // MINI_VAE_FACTOR,
             in_channels=8,
@@ -168,6 +181,7 @@ def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
             cross_attention_dim=MINI_CROSS_ATTENTION_DIM,
             attention_head_dim=16,
             norm_num_groups=16,
+            **MINI_POOLED_CONDITIONING,
         )
         torch.manual_seed(seed + 3)
         vae = AutoencoderKL(
