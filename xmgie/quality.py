@@ -313,26 +313,28 @@ def conditioning_separation(
     from xmgie.editing.mllm import MAX_NEW_TOKENS
 
     folder = Path(folder)
-    vectors: dict[str, list[torch.Tensor]] = {}
+    sources = [Image.open(folder / row["source_file"]).convert("RGB") for row in rows]
     with torch.no_grad():
-        for row in rows:
-            source = Image.open(folder / row["source_file"]).convert("RGB")
-            conditioning, _, _ = pipe.encode_instructions([source], [row["instruction"]], MAX_NEW_TOKENS, {})
-            vectors.setdefault(row["kind"], []).append(conditioning[0].flatten().float().cpu())
+        conditioning, _, _ = pipe.encode_instructions(
+            sources, [row["instruction"] for row in rows], MAX_NEW_TOKENS, {}
+        )
+    vectors: dict[str, list[torch.Tensor]] = {}
+    for row, item in zip(rows, conditioning.flatten(1).float().cpu(), strict=True):
+        vectors.setdefault(row["kind"], []).append(item)
     means = {kind: torch.stack(items).mean(dim=0) for kind, items in vectors.items()}
     spreads = {kind: float(torch.stack(items).sub(means[kind]).norm(dim=1).mean()) for kind, items in vectors.items()}
     table: dict[str, dict[str, Any]] = {}
     for kind, mean in means.items():
         others = {other: float((mean - means[other]).norm()) for other in means if other != kind}
         nearest = min(others, key=others.get) if others else None
+        pair_spread = (spreads[kind] + spreads[nearest]) / 2 if nearest else 0.0
         table[kind] = {
             "n": len(vectors[kind]),
             "nearest": nearest,
-            "distance": others.get(nearest) if nearest else None,
+            "distance": others.get(nearest),
             "spread": spreads[kind],
+            "ratio": others[nearest] / pair_spread if pair_spread > 0 else None,
         }
-        pair_spread = (spreads[kind] + spreads[nearest]) / 2 if nearest else 0.0
-        table[kind]["ratio"] = table[kind]["distance"] / pair_spread if pair_spread > 0 else None
     return table
 
 
