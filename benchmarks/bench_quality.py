@@ -21,7 +21,7 @@ also in units of the two kinds' spreads: kinds whose conditionings lie as close 
 same edit; kinds far apart that still get the same edit point at the UNet, not the conditioning.
 
     python benchmarks/bench_quality.py --model tiny --limit 3 --steps 2
-    python benchmarks/bench_quality.py --model mini --data synth --per-kind 2 --steps 20
+    python benchmarks/bench_quality.py --model mini --data synth --per-kind 4 --steps 20
     python benchmarks/bench_quality.py --model models/mgie --data data/synth --steps 20 --json quality.json
 """
 

@@ -102,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     extensions.add_argument("--ie-reference", choices=["source", "outside_mask", "image"], default="source")
     extensions.add_argument("--identity-image", type=Path, help="identity reference for --ie-reference image")
     extensions.add_argument("--ie-region", choices=["outside_mask", "inside_mask"], help="where IE acts")
-    extensions.add_argument("--sigma-max", type=float, default=5.0, help="GB: blur at the mask boundary (px)")
-    extensions.add_argument("--sigma-s", type=float, default=10.0, help="GB: fall-off of the blur with distance")
+    extensions.add_argument(
+        "--sigma-max", type=float, help="GB: blur at the mask boundary (working px; default: the model's or 5)"
+    )
+    extensions.add_argument(
+        "--sigma-s", type=float, help="GB: fall-off of the blur with distance (working px; default: the model's or 10)"
+    )
     _add_runtime_arguments(edit)
 
     batch = commands.add_parser("batch", help="edit every item of a JSON Lines manifest as a local job")

@@ -18,7 +18,7 @@ from PIL import Image
 from tests.conftest import gradient_image
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import load_image
-from xmgie.editing.options import AutoMaskOptions
+from xmgie.editing.options import AutoMaskOptions, GBOptions
 from xmgie.editing.pipeline import XMGIEPipeline
 
 
@@ -314,3 +314,32 @@ def test_a_model_directory_carries_its_automatic_mask_mode(tiny_pipe, tmp_path):
     # A model that sets no mode estimates by default, as before.
     assert tiny_pipe.resolve_auto_mask(AutoMaskOptions()).mode == "auto"
     assert loaded.resolve_auto_mask(AutoMaskOptions(mode="auto")).mode == "auto"
+
+
+def test_a_model_directory_carries_its_gb_blur_and_a_call_overrides_it(tiny_pipe, tmp_path):
+    XMGIEPipeline(**tiny_pipe.components, gb_sigma_max=0.5, gb_sigma_s=1.0).save_pretrained(tmp_path / "model")
+    loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")
+    assert (loaded.resolve_gb(GBOptions()).sigma_max, loaded.resolve_gb(GBOptions()).sigma_s) == (0.5, 1.0)
+    assert tiny_pipe.resolve_gb(GBOptions()).sigma_max == 5.0 and tiny_pipe.resolve_gb(GBOptions()).sigma_s == 10.0
+    assert loaded.resolve_gb(GBOptions(sigma_max=3.0)).sigma_max == 3.0
+    image = gradient_image(64, 64)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[24:40, 24:40] = 255
+    ring = np.zeros((64, 64), dtype=bool)  # 3 px outside the mask: past the model's feather, inside the default's
+    ring[21:43, 21:43] = True
+    ring[22:42, 22:42] = False
+
+    def outside_changed(**options) -> float:
+        out = loaded(
+            image,
+            "add a rainbow",
+            mask=Image.fromarray(mask),
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(1),
+            **options,
+        )
+        changed = np.any(np.asarray(out.images[0]) != np.asarray(image), axis=-1)
+        return float(changed[ring].mean())
+
+    assert outside_changed() == 0.0
+    assert outside_changed(gb={"sigma_max": 5.0, "sigma_s": 10.0}) > 0.5

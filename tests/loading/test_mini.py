@@ -25,7 +25,8 @@ from xmgie.quality import (
 from xmgie.training.recipe import load_recipe
 from xmgie.training.synth import write_synthetic_dataset
 
-PER_KIND = 2
+PER_KIND = 4
+"""Held-out items per kind: two judged a kind by sampling noise (sepia and cooler passed or failed by item)."""
 STEPS = 20
 CONFIGURATIONS = {
     "all_user": {"mask": "user", "extensions": True},
@@ -98,15 +99,14 @@ def by_kind(rows, score):
 
 
 KNOWN_MISSES: dict[str, str] = {
-    "add_shape": "mini does not draw the new shape (ratio 1.03)",
-    "remove_shape": "mini barely removes the shape (ratio 0.86, bar 0.8)",
-    "recolour_shape": "mini barely recolours the shape (ratio 0.92)",
-    "sepia": "right direction, not far enough here (ratio 0.66; 0.47-0.59 per item of the first six at seed 0)",
-    "cooler": "right direction, not far enough here (ratio 0.64; 0.47-0.54 per item of the first six at seed 0)",
-    "more_contrast": "right direction, overshoots (ratio 1.32); autoencoder floor 0.71",
-    "warmer": "right direction, overshoots (ratio 1.93); autoencoder floor 0.87",
-    "automatic_mask_local_iou": "mini makes no shape edit for the estimate to find (IoU 0.10)",
-    "automatic_mask_global_scope": "estimates on global edits are blobs (0 of 18 judged global)",
+    "add_shape": "mini does not draw the new shape (ratio 1.04)",
+    "recolour_shape": "mini recolours the shape part of the way (ratio 0.81, bar 0.6)",
+    "sepia": "right direction, not far enough (ratio 0.72)",
+    "cooler": "right direction, not far enough (ratio 0.65)",
+    "more_contrast": "right direction, overshoots (ratio 1.15); autoencoder floor 0.65",
+    "warmer": "right direction, overshoots (ratio 1.59); autoencoder floor 0.88",
+    "automatic_mask_local_iou": "the estimates do not find the shapes (IoU 0.11)",
+    "automatic_mask_global_scope": "estimates on global edits are blobs (0 of 36 judged global)",
 }
 """Bars the shipped mini weights do not reach yet (README, "What mini can and cannot do"): each is a strict
 expected failure, so a model that reaches one fails the suite until the entry is removed."""

@@ -23,6 +23,7 @@ from xmgie.training.objective import (
     build_teacher_forcing_batch,
     draw_conditioning_dropout,
     num_image_tokens,
+    region_loss_weights,
 )
 from xmgie.training.synth import write_synthetic_dataset
 from xmgie.training.trainer import StepSampler, TrainingConfig, latest_checkpoint, train
@@ -188,16 +189,12 @@ def test_conditioning_dropout_rates_are_instruct_pix2pix_ones():
     assert rates["neither"] == pytest.approx(0.85, abs=0.005), rates
 
 
-def test_dropped_items_reach_the_unet_as_null_conditioning_and_zero_image(pairs, tiny_pipe):
+def objective_and_batch(pairs, tiny_pipe):
+    """The tiny model's objective (DDPM training schedule), the fixed batch and its MLLM inputs."""
     from diffusers import DDPMScheduler
 
-    objective = MGIEObjective(
-        tiny_pipe.mllm,
-        tiny_pipe.edit_head,
-        tiny_pipe.unet,
-        tiny_pipe.vae,
-        DDPMScheduler.from_config(tiny_pipe.scheduler.config),
-    )
+    scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    objective = MGIEObjective(tiny_pipe.mllm, tiny_pipe.edit_head, tiny_pipe.unet, tiny_pipe.vae, scheduler)
     batch = collate_pairs([item for item in PairedEditDataset(pairs, RESOLUTION)])
     inputs = build_teacher_forcing_batch(
         tiny_pipe.tokenizer,
@@ -207,6 +204,11 @@ def test_dropped_items_reach_the_unet_as_null_conditioning_and_zero_image(pairs,
         batch["instruction"],
         batch["expressive_instruction"],
     )
+    return objective, batch, inputs
+
+
+def test_dropped_items_reach_the_unet_as_null_conditioning_and_zero_image(pairs, tiny_pipe):
+    objective, batch, inputs = objective_and_batch(pairs, tiny_pipe)
     # The [IMG] states are the ones that predict the [IMG] tokens; only the answer carries labels.
     img_ids = torch.tensor(tiny_pipe.tokenizer.convert_tokens_to_ids(IMG_TOKENS))
     for row in range(2):
@@ -231,6 +233,50 @@ def test_dropped_items_reach_the_unet_as_null_conditioning_and_zero_image(pairs,
     assert torch.allclose(seen["conditioning"][0], null, atol=1e-6)
     assert not torch.allclose(seen["conditioning"][1], null, atol=1e-3)
     assert seen["sample"][1, 4:].abs().max() == 0 and seen["sample"][0, 4:].abs().max() > 0
+
+
+def test_region_weights_give_a_small_region_its_share_of_the_loss_and_each_item_its_weight():
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[0, :, 4:10, 4:10] = 1  # a local edit's region: 36 of 1,024 pixels
+    masks[1] = 1  # a global edit: the whole image
+    masks[3, :, :, :20] = 1  # a region already larger than the share
+    weights = region_loss_weights(masks, (16, 16), share=0.5)
+    region = torch.nn.functional.adaptive_avg_pool2d(masks, (16, 16))
+    assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(4))
+    # Under an error that is the same everywhere, the small region now carries half of its item's loss.
+    assert float((weights[0] * region[0]).sum() / weights[0].sum()) == pytest.approx(0.5)
+    assert float(region[0].mean()) < 0.05
+    for item in (1, 2, 3):  # full, empty, large: plain mean squares
+        assert torch.equal(weights[item], torch.ones_like(weights[item]))
+    assert torch.equal(region_loss_weights(masks, (16, 16), share=0.0), torch.ones_like(weights))
+
+
+def test_the_edit_loss_weighs_each_pixel_by_its_region_weight(pairs, tiny_pipe):
+    objective, batch, inputs = objective_and_batch(pairs, tiny_pipe)
+    assert objective.noise_scheduler.config.prediction_type == "epsilon"
+    kinds = [json.loads(line)["kind"] for line in (pairs / "metadata.jsonl").read_text().splitlines()]
+    assert kinds == ["invert", "add_shape"] and 0 < float(batch["mask"][1].mean()) < 0.2
+    seen = {}
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, output: seen.update(prediction=output[0]))
+    noise = StepNoise.draw(torch.Generator().manual_seed(0), 2, (4, 4, 4), 1000)
+    try:
+        with torch.no_grad():
+            plain = objective(inputs, batch["source_pixels"], batch["target_pixels"], noise)["edit_loss"]
+            weighted = objective(
+                inputs,
+                batch["source_pixels"],
+                batch["target_pixels"],
+                noise,
+                region_masks=batch["mask"],
+                region_loss_share=0.5,
+            )["edit_loss"]
+    finally:
+        hook.remove()
+    squared_error = (seen["prediction"] - noise.noise).pow(2)
+    assert float(plain) == pytest.approx(float(squared_error.mean()), rel=1e-5)
+    expected = (squared_error * region_loss_weights(batch["mask"], (4, 4), 0.5)).mean()
+    assert float(weighted) == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)
 
 
 def test_the_command_trains_in_bf16_and_the_directory_edits(pairs, tiny_dir, model_cache, tmp_path):
@@ -272,6 +318,8 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
 
     with pytest.raises(EditInputError, match="--train: unknown component"):
         train(config(pairs, tmp_path / "x", model_cache, train=("text_encoder",)))
+    with pytest.raises(EditInputError, match="--region-loss-share"):
+        train(config(pairs, tmp_path / "x", model_cache, region_loss_share=1.0))
     with pytest.raises(EditInputError) as missing:
         train(config(pairs, tmp_path / "x", model_cache, resume="latest"))
     assert missing.value.code == "checkpoint_not_found"

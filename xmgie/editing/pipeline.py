@@ -26,7 +26,7 @@ from xmgie.editing.blending import (
     epsilon_from_prediction,
     noised_reference_latents,
 )
-from xmgie.editing.blur import composite_images, resize_mask, soften_mask
+from xmgie.editing.blur import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_S, composite_images, resize_mask, soften_mask
 from xmgie.editing.edit_head import EditMapper
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.identity import IdentityAdapter, encode_identity, identity_score
@@ -102,6 +102,9 @@ class XMGIEPipeline(DiffusionPipeline):
         auto_mask_mode (`str`, optional): the automatic mask's mode when a call leaves it unset (``auto``,
             ``always`` or ``off``; saved in ``model_index.json``); ``None``: ``auto``. A model whose estimates
             cannot be trusted says ``off``: its unmasked edits are then global instead of confined to a wrong blob.
+        gb_sigma_max, gb_sigma_s (`float`, optional): GB's blur, in working pixels, when a call leaves it unset
+            (saved in ``model_index.json``); ``None``: the seed paper's 5 and 10, made for a 512-pixel working
+            size. A model that works at a smaller size scales them down, or the feather eats its edit regions.
     """
 
     model_cpu_offload_seq = "mllm->edit_head->image_encoder->identity_adapter->unet->vae"
@@ -130,6 +133,8 @@ class XMGIEPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         image_guidance_scale: float | None = None,
         auto_mask_mode: str | None = None,
+        gb_sigma_max: float | None = None,
+        gb_sigma_s: float | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -144,12 +149,14 @@ class XMGIEPipeline(DiffusionPipeline):
             identity_adapter=identity_adapter,
         )
         # Saved in model_index.json: the largest working size (a model trained at one size edits at most at it;
-        # ``None``: no limit) and the guidance and automatic-mask mode a call without them gets.
+        # ``None``: no limit) and the guidance, automatic-mask mode and GB blur a call without them gets.
         self.register_to_config(
             max_working_side=max_working_side,
             guidance_scale=guidance_scale,
             image_guidance_scale=image_guidance_scale,
             auto_mask_mode=auto_mask_mode,
+            gb_sigma_max=gb_sigma_max,
+            gb_sigma_s=gb_sigma_s,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -175,6 +182,16 @@ class XMGIEPipeline(DiffusionPipeline):
         """``auto_mask`` with an unset mode made the model's (``model_index.json``'s ``auto_mask_mode``, else
         ``auto``)."""
         return replace(auto_mask, mode=self._model_setting(auto_mask.mode, "auto_mask_mode", "auto"))
+
+    def resolve_gb(self, gb: GBOptions) -> GBOptions:
+        """``gb`` with an unset ``sigma_max`` / ``sigma_s`` made the model's (``model_index.json``'s
+        ``gb_sigma_max`` / ``gb_sigma_s``), else the seed paper's (:data:`DEFAULT_SIGMA_MAX`,
+        :data:`DEFAULT_SIGMA_S`)."""
+        return replace(
+            gb,
+            sigma_max=float(self._model_setting(gb.sigma_max, "gb_sigma_max", DEFAULT_SIGMA_MAX)),
+            sigma_s=float(self._model_setting(gb.sigma_s, "gb_sigma_s", DEFAULT_SIGMA_S)),
+        )
 
     # ------------------------------------------------------------------ offload
 
@@ -734,6 +751,7 @@ class XMGIEPipeline(DiffusionPipeline):
             pfb=pfb, cam=cam, ie=ie, gb=gb, auto_mask=auto_mask
         ).extension_groups()
         auto_mask = self.resolve_auto_mask(auto_mask)
+        gb = self.resolve_gb(gb)
         identity_images = (
             list(identity_image) if isinstance(identity_image, list | tuple) else [identity_image] * len(images)
         )

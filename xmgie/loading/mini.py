@@ -71,6 +71,14 @@ MINI_AUTO_MASK_MODE = "off"
 """mini's automatic masks are not trustworthy (it does not make the shape edits whose region they should find,
 and it judges most global edits local: see the README), so an unmasked mini edit is global unless the call asks
 for an estimate."""
+MINI_GB_SIGMA_MAX = 5.0 * MINI_SIDE / 512
+MINI_GB_SIGMA_S = 10.0 * MINI_SIDE / 512
+"""GB's blur for mini (saved in its ``model_index.json``): the seed paper's σ_max 5 and σ_s 10, made for
+MGIE's 512-pixel working size, scaled to mini's 64 px, so the feather covers the same part of the picture. At
+5 working pixels the feather reached halfway into a shape of radius 6–10 px and composited the source back
+over it: on the first four held-out items per shape kind (all extensions, user mask) the L1 ratio to the
+target was 0.85 (remove) and 0.97 (recolour) with σ_max 5, 0.62 and 0.81 with 0.625 — and 0.63 and 0.80
+without GB at all; far-outside pixels stayed exact either way."""
 MINI_VISION_SIZE = 32
 MINI_HIDDEN = 128
 MINI_CROSS_ATTENTION_DIM = 64
@@ -220,4 +228,6 @@ def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
         guidance_scale=MINI_GUIDANCE_SCALE,
         image_guidance_scale=MINI_IMAGE_GUIDANCE_SCALE,
         auto_mask_mode=MINI_AUTO_MASK_MODE,
+        gb_sigma_max=MINI_GB_SIGMA_MAX,
+        gb_sigma_s=MINI_GB_SIGMA_S,
     )

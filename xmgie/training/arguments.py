@@ -54,6 +54,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         help="encode every item with the frozen VAE once before training, not at every step (faster; memory: "
         "three latents per item)",
     )
+    train.add_argument(
+        "--region-loss-share",
+        type=float,
+        default=0.0,
+        help="weigh each item's edited region (its mask_file) to at least this share of its edit loss (0: plain mean "
+        "squares)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     data = commands.add_parser("data", help="training data tools")
@@ -108,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         num_workers=args.num_workers,
         cache_latents=args.cache_latents,
+        region_loss_share=args.region_loss_share,
         progress=not args.no_progress,
     )
     result = train(config)

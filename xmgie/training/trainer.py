@@ -82,6 +82,9 @@ class TrainingConfig:
     cache_latents: bool = False
     """Encode every item with the (frozen) VAE once before the first step instead of at every step: faster
     where the encoder is a large share of a step, at the memory of three latents per item."""
+    region_loss_share: float = 0.0
+    """The least share of each item's edit loss its region (``mask_file``) carries (0: plain mean squares over
+    the image); see :func:`xmgie.training.objective.region_loss_weights`."""
     progress: bool = True
 
     def check(self) -> None:
@@ -105,6 +108,8 @@ class TrainingConfig:
             raise EditInputError("invalid_option", "--warmup-steps and --checkpoint-every cannot be negative")
         if not 0 <= self.conditioning_dropout <= 1 / 3:
             raise EditInputError("invalid_option", "--conditioning-dropout must be between 0 and 1/3")
+        if not 0 <= self.region_loss_share < 1:
+            raise EditInputError("invalid_option", "--region-loss-share must be at least 0 and below 1")
         if self.resolution is not None and self.resolution < 8:
             raise EditInputError("invalid_option", "--resolution must be at least 8")
 
@@ -323,6 +328,8 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
                 batch["target_pixels"].to(accelerator.device),
                 noise,
                 latent_cache.rows(batch["index"]) if latent_cache is not None else None,
+                region_masks=batch["mask"] if config.region_loss_share > 0 else None,
+                region_loss_share=config.region_loss_share,
             )
             loss = (
                 config.instruction_loss_weight * losses["instruction_loss"]
