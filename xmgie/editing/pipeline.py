@@ -645,7 +645,7 @@ class XMGIEPipeline(DiffusionPipeline):
         Args:
             masks: hard masks (mode ``L``, white = edit) at each item's input size; ``None``: edited everywhere.
             working_size: the (width, height) the model works at.
-            gb: with GB off the masks are kept hard.
+            gb: with GB off the masks are kept hard; an unset σ is the model's (:meth:`resolve_gb`).
 
         Returns:
             (B, 1, h, w) masks in [0, 1] at the working size for PFB and CAM, and per item its (H, W) mask at the
@@ -653,6 +653,7 @@ class XMGIEPipeline(DiffusionPipeline):
         """
         width, height = working_size
         device = self._execution_device
+        gb = self.resolve_gb(gb)
         working: list[torch.Tensor] = []
         at_input: list[torch.Tensor | None] = []
         for mask in masks:
