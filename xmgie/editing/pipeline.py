@@ -752,7 +752,6 @@ class XMGIEPipeline(DiffusionPipeline):
             pfb=pfb, cam=cam, ie=ie, gb=gb, auto_mask=auto_mask
         ).extension_groups()
         auto_mask = self.resolve_auto_mask(auto_mask)
-        gb = self.resolve_gb(gb)
         identity_images = (
             list(identity_image) if isinstance(identity_image, list | tuple) else [identity_image] * len(images)
         )

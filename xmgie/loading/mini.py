@@ -30,9 +30,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from xmgie.editing.blur import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_S
 from xmgie.editing.edit_head import EditMapper
 from xmgie.editing.identity import build_tiny_identity_components
 from xmgie.editing.mllm import IMG_TOKENS, MLLM_SPECIAL_TOKENS, build_prompt
+from xmgie.editing.options import DEFAULT_MAX_SIDE
 from xmgie.editing.pipeline import XMGIEPipeline
 from xmgie.loading.tiny import IP2P_SCHEDULER_CONFIG
 
@@ -71,8 +73,8 @@ MINI_AUTO_MASK_MODE = "off"
 """mini's automatic masks are not trustworthy (it does not make the shape edits whose region they should find,
 and it judges most global edits local: see the README), so an unmasked mini edit is global unless the call asks
 for an estimate."""
-MINI_GB_SIGMA_MAX = 5.0 * MINI_SIDE / 512
-MINI_GB_SIGMA_S = 10.0 * MINI_SIDE / 512
+MINI_GB_SIGMA_MAX = DEFAULT_SIGMA_MAX * MINI_SIDE / DEFAULT_MAX_SIDE
+MINI_GB_SIGMA_S = DEFAULT_SIGMA_S * MINI_SIDE / DEFAULT_MAX_SIDE
 """GB's blur for mini (saved in its ``model_index.json``): the seed paper's σ_max 5 and σ_s 10, made for
 MGIE's 512-pixel working size, scaled to mini's 64 px, so the feather covers the same part of the picture. At
 5 working pixels the feather reached halfway into a shape of radius 6–10 px and composited the source back

@@ -328,7 +328,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
                 batch["target_pixels"].to(accelerator.device),
                 noise,
                 latent_cache.rows(batch["index"]) if latent_cache is not None else None,
-                region_masks=batch["mask"] if config.region_loss_share > 0 else None,
+                region_masks=batch["mask"],
                 region_loss_share=config.region_loss_share,
             )
             loss = (
