@@ -14,8 +14,9 @@ edits item ``i`` with the same seed (``--seed`` + i). Prints one table (rows = c
 source; L1 ratio on global and local kinds, PSNR inside and outside, far-outside-equal share,
 automatic-mask IoU on local kinds, scope accuracy, names-kind share), per-kind tables of ``all``
 with the automatic mask and of ``plain``, and the per-kind *autoencoder floor*: each target through the
-model's VAE and back (:func:`xmgie.quality.autoencoder_round_trip`), the closest any edit of this model can
-come to it whatever its UNet learnt, and the per-kind *conditioning separation*: the distance from each
+model's VAE and back, with the model's detail transfer from the source where it has one
+(:func:`xmgie.quality.autoencoder_round_trip`), the closest any edit of this model can come to it whatever its
+UNet learnt, and the per-kind *conditioning separation*: the distance from each
 kind's mean edit conditioning to the nearest other kind's (:func:`xmgie.quality.conditioning_separation`),
 also in units of the two kinds' spreads: kinds whose conditionings lie as close as their own spread get the
 same edit; kinds far apart that still get the same edit point at the UNet, not the conditioning.
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 **item_scores(
                     folder / row["source_file"],
                     folder / row["target_file"],
-                    autoencoder_round_trip(pipe, folder / row["target_file"]),
+                    autoencoder_round_trip(pipe, folder / row["target_file"], folder / row["source_file"]),
                     folder / row["mask_file"],
                 ),
             }
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         key: aggregate([r for r in scored if (r["configuration"], r["mask_source"]) == pair])
         for key, pair in (("all / auto", ("all", "auto")), ("plain / none", ("plain", "none")))
     }
-    per_kind["autoencoder floor (target through the VAE)"] = aggregate(floor)
+    per_kind["autoencoder floor (target through the VAE and the model's detail transfer)"] = aggregate(floor)
     print(f"model {args.model}, {len(rows)} held-out items, {args.steps} steps, {seconds:.1f} s\n")
     print(format_table(table, ("n", *COLUMNS), label="configuration / mask"))
     for key, kinds in per_kind.items():

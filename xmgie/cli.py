@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("ie", "identity embeddings"),
         ("gb", "Gaussian blurring and the final composite"),
         ("auto-mask", "the automatic mask when no --mask is given (same as --auto-mask-mode off)"),
+        ("detail", "detail transfer from the source after decoding (models that set a detail radius, mini)"),
     ):
         extensions.add_argument(f"--no-{name}", action="store_true", help=f"switch off {what}")
     extensions.add_argument(
@@ -321,6 +322,7 @@ def run_edit(args: argparse.Namespace) -> int:
         image_guidance_scale=args.image_guidance_scale,
         seed=seed,
         max_side=args.max_side,
+        detail=not args.no_detail,
         pfb={"enabled": not args.no_pfb, "latent_blend_fraction": args.pfb_fraction, "reference": args.pfb_reference},
         cam={"enabled": not args.no_cam, "mode": args.cam_mode},
         ie={
@@ -355,6 +357,7 @@ def run_edit(args: argparse.Namespace) -> int:
         ie=options.ie,
         gb=options.gb,
         auto_mask=options.auto_mask,
+        detail=options.detail,
         identity_image=identity_image,
         generator=pipe.seeded_generators([seed]),
     )

@@ -279,20 +279,32 @@ def item_scores(
     }
 
 
-def autoencoder_round_trip(pipe: Any, image: ArrayLike) -> np.ndarray:
+def autoencoder_round_trip(pipe: Any, image: ArrayLike, source: ArrayLike | None = None) -> np.ndarray:
     """``image`` encoded (the posterior's mode) and decoded by ``pipe``'s VAE at its own size, as uint8 RGB.
 
-    The side must be a multiple of the VAE's factor. No edit of ``pipe`` can come closer to a target than the
-    target's own round trip does, except where a composite pastes source pixels back.
+    The side must be a multiple of the VAE's factor. With the edit's ``source`` (same size) and a model that sets
+    a detail radius, the decoded image takes the source's detail as the model's edits do
+    (:func:`xmgie.editing.detail.transfer_detail`). No edit of ``pipe`` can come closer to a target than the
+    target's own round trip does (with detail transfer: about as close), except where a composite pastes source
+    pixels back.
     """
     import torch
 
+    from xmgie.editing.detail import transfer_detail
     from xmgie.editing.images import image_to_tensor, tensor_to_image
 
     vae = pipe.vae
-    pixels = image_to_tensor(Image.fromarray(_rgb(image)))[None].to(vae.device, vae.dtype)
+
+    def round_trip(picture: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = image_to_tensor(Image.fromarray(_rgb(picture)))[None].to(vae.device, vae.dtype)
+        return pixels, vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+
     with torch.no_grad():
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        _, decoded = round_trip(image)
+        radius, epsilon = pipe.resolve_detail()
+        if source is not None and radius > 0:
+            source_pixels, source_trip = round_trip(source)
+            decoded = transfer_detail(decoded, source_trip, source_pixels, radius=radius, epsilon=epsilon)
     return np.asarray(tensor_to_image(decoded[0]))
 
 

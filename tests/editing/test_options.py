@@ -34,6 +34,7 @@ def test_round_trip_through_json_form():
         ("seed", -3),
         ("max_side", 500),
         ("max_new_tokens", 4),
+        ("detail", "no"),
     ],
 )
 def test_invalid_values_name_the_option(field, value):
@@ -75,6 +76,7 @@ def test_unknown_option_is_refused_not_ignored():
 def test_batch_key_separates_incompatible_items():
     assert EditOptions(seed=1).batch_key() == EditOptions(seed=2).batch_key()
     assert EditOptions(num_inference_steps=10).batch_key() != EditOptions(num_inference_steps=20).batch_key()
+    assert EditOptions(detail=False).batch_key() != EditOptions().batch_key()
 
 
 def test_pfb_levels_name_resolutions_and_exclude_blocks():

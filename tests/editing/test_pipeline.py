@@ -16,6 +16,7 @@ from diffusers import (
 from PIL import Image
 
 from tests.conftest import gradient_image
+from xmgie.editing.detail import DEFAULT_DETAIL_EPSILON, transfer_detail
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import load_image
 from xmgie.editing.options import AutoMaskOptions, GBOptions
@@ -343,3 +344,38 @@ def test_a_model_directory_carries_its_gb_blur_and_a_call_overrides_it(tiny_pipe
 
     assert outside_changed() == 0.0
     assert outside_changed(gb={"sigma_max": 5.0, "sigma_s": 10.0}) > 0.5
+
+
+def test_a_model_with_a_detail_radius_puts_the_source_detail_into_its_decoded_edits(tiny_pipe, tmp_path):
+    XMGIEPipeline(**tiny_pipe.components, detail_radius=2).save_pretrained(tmp_path / "model")
+    loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.resolve_detail() == (2, DEFAULT_DETAIL_EPSILON)
+    assert tiny_pipe.resolve_detail()[0] == 0
+    image = gradient_image(64, 64)
+
+    def edit(**options):
+        return loaded(
+            image,
+            "make it warmer",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(3),
+            pfb=False,
+            cam=False,
+            ie=False,
+            gb=False,
+            auto_mask=False,
+            **options,
+        ).images[0]
+
+    latents = edit(output_type="latent")
+    with torch.no_grad():
+        pixels = loaded.image_processor.preprocess(image)
+        decoded = loaded.vae.decode(latents[None] / loaded.vae.config.scaling_factor).sample
+        round_trip = loaded.vae.decode(loaded.prepare_image_latents(pixels)).sample
+    expected = transfer_detail(decoded, round_trip, pixels, radius=2, epsilon=DEFAULT_DETAIL_EPSILON)
+    expected = np.asarray(loaded.image_processor.postprocess(expected, output_type="pil")[0], dtype=int)
+    plain = np.asarray(loaded.image_processor.postprocess(decoded, output_type="pil")[0], dtype=int)
+
+    assert np.abs(np.asarray(edit(), dtype=int) - expected).max() <= 1
+    assert np.abs(np.asarray(edit(detail=False), dtype=int) - plain).max() <= 1
+    assert np.abs(expected - plain).mean() > 1.0

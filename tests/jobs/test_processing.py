@@ -271,7 +271,7 @@ def test_pipeline_editor_groups_by_batch_key_with_one_seeded_generator_per_item(
                 mask_fractions=[1.0] * len(images),
             )
 
-    fast, slow = EditOptions(num_inference_steps=2), EditOptions(num_inference_steps=3, pfb=False)
+    fast, slow = EditOptions(num_inference_steps=2), EditOptions(num_inference_steps=3, pfb=False, detail=False)
     requests = [
         EditRequest(image=gradient_image(16, 16), instruction=f"i{n}", options=options, seed=n)
         for n, options in enumerate([fast, slow, fast])
@@ -283,6 +283,7 @@ def test_pipeline_editor_groups_by_batch_key_with_one_seeded_generator_per_item(
     first, second = calls[0][1], calls[1][1]
     assert first["num_inference_steps"] == 2 and second["num_inference_steps"] == 3
     assert second["pfb"].enabled is False
+    assert (first["detail"], second["detail"]) == (True, False)
     expected = torch.Generator().manual_seed(2).initial_seed()
     assert [generator.initial_seed() for generator in first["generator"]] == [0, expected]
     assert [result.expressive_instruction for result in results] == ["x i0", "x i1", "x i2"]

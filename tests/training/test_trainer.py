@@ -16,12 +16,14 @@ from xmgie.editing.images import load_image
 from xmgie.editing.mllm import IMG_TOKENS
 from xmgie.loading.directory import load_pipeline
 from xmgie.training.data import PairedEditDataset, collate_pairs
+from xmgie.training.ema import ParameterAverage
 from xmgie.training.objective import (
     IGNORE_INDEX,
     MGIEObjective,
     StepNoise,
     build_teacher_forcing_batch,
     draw_conditioning_dropout,
+    min_snr_weights,
     num_image_tokens,
     region_loss_weights,
 )
@@ -279,6 +281,41 @@ def test_the_edit_loss_weighs_each_pixel_by_its_region_weight(pairs, tiny_pipe):
     assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)
 
 
+def test_min_snr_weights_clamp_the_signal_to_noise_ratio_at_gamma():
+    from diffusers import DDPMScheduler
+
+    epsilon = DDPMScheduler(num_train_timesteps=1000)
+    velocity = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    timesteps = torch.tensor([0, 50, 400, 999])
+    alphas = epsilon.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    assert float(snr[0]) > 5 > float(snr[2])  # the clamp acts on the near-clean timesteps only
+    for scheduler, denominator in ((epsilon, snr), (velocity, snr + 1)):
+        weights = min_snr_weights(scheduler, timesteps, 5.0)
+        assert torch.allclose(weights, torch.minimum(snr, torch.tensor(5.0)) / denominator)
+    # ε-prediction: the noisy timesteps keep weight 1 and the near-clean ones fall to γ / SNR.
+    assert torch.allclose(min_snr_weights(epsilon, timesteps[2:], 5.0), torch.ones(2))
+    assert float(min_snr_weights(epsilon, timesteps[:1], 5.0)) < 0.01
+
+
+def test_min_snr_weighting_weighs_each_item_of_the_edit_loss_by_its_timestep(pairs, tiny_pipe):
+    objective, batch, inputs = objective_and_batch(pairs, tiny_pipe)
+    seen = {}
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, output: seen.update(prediction=output[0]))
+    noise = StepNoise.draw(torch.Generator().manual_seed(0), 2, (4, 4, 4), 1000)
+    noise.timesteps = torch.tensor([10, 700])
+    try:
+        with torch.no_grad():
+            weighted = objective(inputs, batch["source_pixels"], batch["target_pixels"], noise, snr_gamma=5.0)
+    finally:
+        hook.remove()
+    squared_error = (seen["prediction"] - noise.noise).pow(2)
+    weights = min_snr_weights(objective.noise_scheduler, noise.timesteps, 5.0)
+    assert float(weights[0]) < 0.1 and float(weights[1]) == pytest.approx(1.0)
+    expected = (squared_error * weights[:, None, None, None]).mean()
+    assert float(weighted["edit_loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_the_command_trains_in_bf16_and_the_directory_edits(pairs, tiny_dir, model_cache, tmp_path):
     out = tmp_path / "model"
     command = [sys.executable, "-m", "xmgie.cli", "train", "--data", str(pairs), "--output-dir", str(out)]
@@ -320,6 +357,8 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
         train(config(pairs, tmp_path / "x", model_cache, train=("text_encoder",)))
     with pytest.raises(EditInputError, match="--region-loss-share"):
         train(config(pairs, tmp_path / "x", model_cache, region_loss_share=1.0))
+    with pytest.raises(EditInputError, match="--snr-gamma"):
+        train(config(pairs, tmp_path / "x", model_cache, snr_gamma=-1.0))
     with pytest.raises(EditInputError) as missing:
         train(config(pairs, tmp_path / "x", model_cache, resume="latest"))
     assert missing.value.code == "checkpoint_not_found"
@@ -383,3 +422,47 @@ def test_conditioning_spread_measures_how_much_items_differ():
     # Two items ±d around a common vector c: deviation |d|, size sqrt(|c|² + |d|²).
     c, d = torch.full((1, 4), 3.0), torch.full((1, 4), 4.0)
     assert conditioning_spread(torch.cat([c + d, c - d])).item() == pytest.approx(4 / 5)
+
+
+def test_the_average_follows_the_schedule_and_is_applied_only_inside_the_block():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    average = ParameterAverage([weight], decay=0.9)
+    expected = None
+    for step, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            weight.fill_(value)
+        average.update(step)
+        rate = 1 - min(0.9, (1 + step) / (10 + step))
+        expected = value if expected is None else expected + rate * (value - expected)
+    assert torch.allclose(average.averages[0], torch.full((3,), expected))
+    assert 1.0 < expected < 8.0
+    with average.applied():
+        assert torch.allclose(weight, torch.full((3,), expected))
+    assert torch.equal(weight, torch.full((3,), 8.0))
+    with pytest.raises(ValueError, match="decay"):
+        ParameterAverage([weight], decay=1.0)
+
+
+def test_a_run_writes_the_average_keeps_raw_checkpoints_and_resumes_it(pairs, model_cache, tmp_path):
+    options = {"max_steps": 3, "checkpoint_every": 1}
+    train(config(pairs, tmp_path / "raw", model_cache, **options))
+    train(config(pairs, tmp_path / "ema", model_cache, ema_decay=0.5, **options))
+    checkpoint = latest_checkpoint(tmp_path / "ema")
+    assert checkpoint is not None and checkpoint.name == "step-000002"
+    train(config(pairs, tmp_path / "resumed", model_cache, ema_decay=0.5, resume=str(checkpoint), **options))
+
+    def unet(folder):
+        return parameters(load_pipeline(folder, cache_dir=model_cache, device="cpu", dtype=torch.float32).unet)
+
+    raw = [unet(tmp_path / "raw" / "checkpoints" / f"step-00000{step}") for step in (1, 2)] + [unet(tmp_path / "raw")]
+    for step in (1, 2):  # checkpoints hold the step's own weights, as without the average
+        assert same(unet(tmp_path / "ema" / "checkpoints" / f"step-00000{step}"), raw[step - 1])
+    expected = dict(raw[0])
+    for step in (2, 3):
+        rate = 1 - min(0.5, (1 + step) / (10 + step))
+        expected = {name: value + rate * (raw[step - 1][name] - value) for name, value in expected.items()}
+    averaged = unet(tmp_path / "ema")
+    assert all(torch.allclose(averaged[name], expected[name], atol=1e-6) for name in expected)
+    assert not same(averaged, raw[2])
+    resumed = unet(tmp_path / "resumed")
+    assert all(torch.allclose(resumed[name], averaged[name], atol=1e-6) for name in averaged)

@@ -295,6 +295,8 @@ class EditOptions:
         seed: seed of the item's noise; ``None`` draws one.
         max_side: the long side the model works at (multiple of 8); outputs come back at the input's size.
         max_new_tokens: generation budget of the MLLM for the expressive instruction and ``[IMG]`` tokens.
+        detail: put the source's fine detail back into the decoded edit where the model sets a detail radius
+            (``mini`` does; see :func:`xmgie.editing.detail.transfer_detail`); ``false``: the decoder's output.
 
         pfb, cam, ie, gb, auto_mask: the extensions' option groups, each switchable per item
             (``{"pfb": false}`` or ``{"pfb": {"latent_blend_fraction": 0.3}}`` in JSON).
@@ -306,6 +308,7 @@ class EditOptions:
     seed: int | None = None
     max_side: int = DEFAULT_MAX_SIDE
     max_new_tokens: int = 96
+    detail: bool = True
     pfb: PFBOptions = field(default_factory=PFBOptions)
     cam: CAMOptions = field(default_factory=CAMOptions)
     ie: IEOptions = field(default_factory=IEOptions)
@@ -331,6 +334,7 @@ class EditOptions:
             raise _invalid("max_side", self.max_side, "a multiple of 8 in [64, 2048]")
         if not isinstance(self.max_new_tokens, int) or not 9 <= self.max_new_tokens <= 512:
             raise _invalid("max_new_tokens", self.max_new_tokens, "an integer in [9, 512]")
+        _check_flag("detail", self.detail)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EditOptions:
@@ -354,6 +358,7 @@ class EditOptions:
             self.image_guidance_scale,
             self.max_side,
             self.max_new_tokens,
+            self.detail,
             self.pfb,
             self.cam,
             self.ie,

@@ -27,6 +27,7 @@ from xmgie.editing.blending import (
     noised_reference_latents,
 )
 from xmgie.editing.blur import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_S, composite_images, resize_mask, soften_mask
+from xmgie.editing.detail import DEFAULT_DETAIL_EPSILON, transfer_detail
 from xmgie.editing.edit_head import EditMapper
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.identity import IdentityAdapter, encode_identity, identity_score
@@ -105,6 +106,11 @@ class XMGIEPipeline(DiffusionPipeline):
         gb_sigma_max, gb_sigma_s (`float`, optional): GB's blur, in working pixels, when a call leaves it unset
             (saved in ``model_index.json``); ``None``: the seed paper's 5 and 10, made for a 512-pixel working
             size. A model that works at a smaller size scales them down, or the feather eats its edit regions.
+        detail_radius (`int`, optional), detail_epsilon (`float`, optional): detail transfer
+            (:func:`~xmgie.editing.detail.transfer_detail`) after decoding, for a model whose autoencoder loses
+            fine detail: the guided filter's window radius in working pixels and its regulariser (squared pixel
+            values of [-1, 1]; ``None``: :data:`DEFAULT_DETAIL_EPSILON`). ``None`` or 0: no transfer (saved in
+            ``model_index.json``).
     """
 
     model_cpu_offload_seq = "mllm->edit_head->image_encoder->identity_adapter->unet->vae"
@@ -135,6 +141,8 @@ class XMGIEPipeline(DiffusionPipeline):
         auto_mask_mode: str | None = None,
         gb_sigma_max: float | None = None,
         gb_sigma_s: float | None = None,
+        detail_radius: int | None = None,
+        detail_epsilon: float | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -157,6 +165,8 @@ class XMGIEPipeline(DiffusionPipeline):
             auto_mask_mode=auto_mask_mode,
             gb_sigma_max=gb_sigma_max,
             gb_sigma_s=gb_sigma_s,
+            detail_radius=detail_radius,
+            detail_epsilon=detail_epsilon,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -191,6 +201,14 @@ class XMGIEPipeline(DiffusionPipeline):
             gb,
             sigma_max=float(self._model_setting(gb.sigma_max, "gb_sigma_max", DEFAULT_SIGMA_MAX)),
             sigma_s=float(self._model_setting(gb.sigma_s, "gb_sigma_s", DEFAULT_SIGMA_S)),
+        )
+
+    def resolve_detail(self) -> tuple[int, float]:
+        """The model's detail transfer: window radius (0: none) and regulariser (``model_index.json``'s
+        ``detail_radius`` / ``detail_epsilon``)."""
+        return (
+            int(self._model_setting(None, "detail_radius", 0)),
+            float(self._model_setting(None, "detail_epsilon", DEFAULT_DETAIL_EPSILON)),
         )
 
     # ------------------------------------------------------------------ offload
@@ -597,14 +615,32 @@ class XMGIEPipeline(DiffusionPipeline):
         return kwargs
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
+    def decode_latents(
+        self,
+        latents: torch.Tensor,
+        source_latents: torch.Tensor | None = None,
+        source_pixels: torch.Tensor | None = None,
+    ) -> list[PIL.Image.Image]:
         """VAE-decode latents to PIL images at the working size, ``vae_slice_size`` items at a time (tiled above
-        ``vae_tile_above`` pixels)."""
+        ``vae_tile_above`` pixels).
+
+        With the sources' unscaled latents and pixels (in [-1, 1], at the working size) and a model that sets a
+        ``detail_radius``, each decoded edit takes its source's fine detail (:func:`transfer_detail`, guided by
+        the source's own decoded round trip).
+        """
+        radius, epsilon = self.resolve_detail()
+        detail = radius > 0 and source_latents is not None and source_pixels is not None
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         images: list[PIL.Image.Image] = []
         with self._vae_tiling(max(latents.shape[-2:]) * self.vae_scale_factor):
-            for chunk in latents.split(self.vae_slice_size):
-                decoded = self.vae.decode(chunk, return_dict=False)[0]
+            for start in range(0, latents.shape[0], self.vae_slice_size):
+                rows = slice(start, start + self.vae_slice_size)
+                decoded = self.vae.decode(latents[rows], return_dict=False)[0]
+                if detail:
+                    round_trip = self.vae.decode(source_latents[rows].to(self.vae.dtype), return_dict=False)[0]
+                    decoded = transfer_detail(
+                        decoded, round_trip, source_pixels[rows].to(decoded), radius=radius, epsilon=epsilon
+                    )
                 images.extend(self.image_processor.postprocess(decoded, output_type="pil"))
         return images
 
@@ -716,6 +752,7 @@ class XMGIEPipeline(DiffusionPipeline):
         ie: IEOptions | bool = True,
         gb: GBOptions | bool = True,
         auto_mask: AutoMaskOptions | bool = True,
+        detail: bool = True,
         identity_image: PIL.Image.Image | Sequence[PIL.Image.Image | None] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
@@ -737,6 +774,8 @@ class XMGIEPipeline(DiffusionPipeline):
             max_new_tokens: the MLLM's generation budget.
             pfb, cam, ie, gb, auto_mask: the extensions' options (``True``/``False`` for defaults/off).
                 IE needs a model with an image encoder and an identity adapter; without them it is skipped.
+            detail: put the source's fine detail back after decoding, where the model sets a ``detail_radius``
+                (:meth:`decode_latents`); ``False``: the decoder's output as it is.
             identity_image: the identity reference per item when ``ie.reference`` is ``"image"``.
             output_type: ``"pil"`` or ``"latent"``.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step.
@@ -879,7 +918,9 @@ class XMGIEPipeline(DiffusionPipeline):
                     outputs[i] = latents[row]
                 continue
             with self._timed(timings, "vae_decode", peak_memory):
-                decoded = self.decode_latents(latents)
+                decoded = (
+                    self.decode_latents(latents, image_latents, pixels) if detail else self.decode_latents(latents)
+                )
             for row, i in enumerate(indices):
                 result = decoded[row]
                 if result.size != images[i].size:

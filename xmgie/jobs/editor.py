@@ -151,6 +151,7 @@ class PipelineEditor:
                 ie=ie,
                 gb=gb,
                 auto_mask=auto_mask,
+                detail=options.detail,
                 identity_image=identity_images if any(image is not None for image in identity_images) else None,
             )
             timings = {stage: round(float(seconds), 4) for stage, seconds in out.timings.items()}

@@ -61,6 +61,19 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         help="weigh each item's edited region (its mask_file) to at least this share of its edit loss (0: plain mean "
         "squares)",
     )
+    train.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=0.0,
+        help="Min-SNR-γ weighting of the edit loss over timesteps (5 is the paper's; 0: plain mean squares)",
+    )
+    train.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="write the exponential moving average of the trained weights with this decay, e.g. 0.999 "
+        "(0: the last step's weights; checkpoints keep the step's own)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     data = commands.add_parser("data", help="training data tools")
@@ -116,6 +129,8 @@ def run_train(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         cache_latents=args.cache_latents,
         region_loss_share=args.region_loss_share,
+        snr_gamma=args.snr_gamma,
+        ema_decay=args.ema_decay,
         progress=not args.no_progress,
     )
     result = train(config)

@@ -6,8 +6,9 @@ process reads its own share of every step's samples, and the main process writes
 
 Output: ``OUTPUT/`` is the trained model directory (loadable by ``xmgie edit --model OUTPUT``),
 ``OUTPUT/checkpoints/step-NNNNNN/`` are model directories saved during the run, each with a
-``training_state.pt`` (optimizer, learning-rate schedule, step) that ``--resume`` continues from,
-and ``OUTPUT/training_log.jsonl`` has one row of losses per optimizer step.
+``training_state.pt`` (optimizer, learning-rate schedule, step, the moving average with ``ema_decay``) that
+``--resume`` continues from, and ``OUTPUT/training_log.jsonl`` has one row of losses per optimizer step. With
+``ema_decay`` the checkpoints hold the step's own parameters and ``OUTPUT/`` their moving average.
 
 Every random draw of a step (timesteps, noise, conditioning dropout, sample order) comes from a
 generator seeded by (seed, step, process), so a resumed run reproduces the uninterrupted one.
@@ -20,6 +21,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from xmgie.editing.errors import EditInputError
 from xmgie.training.data import PairedEditDataset, collate_pairs, read_pairs
+from xmgie.training.ema import ParameterAverage
 from xmgie.training.objective import (
     MGIEObjective,
     PairLatents,
@@ -85,6 +88,12 @@ class TrainingConfig:
     region_loss_share: float = 0.0
     """The least share of each item's edit loss its region (``mask_file``) carries (0: plain mean squares over
     the image); see :func:`xmgie.training.objective.region_loss_weights`."""
+    snr_gamma: float = 0.0
+    """Min-SNR-γ weighting of the edit loss over timesteps (0: plain mean squares); see
+    :func:`xmgie.training.objective.min_snr_weights`."""
+    ema_decay: float = 0.0
+    """Hand out the exponential moving average of the trained parameters with this decay (0: the parameters of
+    the last step); see :class:`xmgie.training.ema.ParameterAverage`."""
     progress: bool = True
 
     def check(self) -> None:
@@ -110,6 +119,10 @@ class TrainingConfig:
             raise EditInputError("invalid_option", "--conditioning-dropout must be between 0 and 1/3")
         if not 0 <= self.region_loss_share < 1:
             raise EditInputError("invalid_option", "--region-loss-share must be at least 0 and below 1")
+        if self.snr_gamma < 0:
+            raise EditInputError("invalid_option", "--snr-gamma cannot be negative")
+        if not 0 <= self.ema_decay < 1:
+            raise EditInputError("invalid_option", "--ema-decay must be at least 0 and below 1")
         if self.resolution is not None and self.resolution < 8:
             raise EditInputError("invalid_option", "--resolution must be at least 8")
 
@@ -253,6 +266,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    average = ParameterAverage(parameters, config.ema_decay) if config.ema_decay > 0 else None
 
     start_step = 0
     history: list[dict[str, float]] = []
@@ -261,6 +275,8 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         start_step = int(state["step"])
+        if average is not None and state.get("ema") is not None:
+            average.load_state_dict(state["ema"])
         history = [dict(row) for row in state["history"]]
 
     # 4. Data: each process's share of every step, from where the run stands
@@ -330,6 +346,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
                 latent_cache.rows(batch["index"]) if latent_cache is not None else None,
                 region_masks=batch["mask"],
                 region_loss_share=config.region_loss_share,
+                snr_gamma=config.snr_gamma,
             )
             loss = (
                 config.instruction_loss_weight * losses["instruction_loss"]
@@ -347,6 +364,8 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         if not accelerator.sync_gradients:
             continue
         step += 1
+        if average is not None:
+            average.update(step)
         row = {name: value / config.gradient_accumulation_steps for name, value in sums.items()}
         row = {"step": step, **row, "lr": lr_scheduler.get_last_lr()[0]}
         sums = dict.fromkeys(sums, 0.0)
@@ -364,14 +383,15 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         if on_step is not None:
             on_step(step, row)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(accelerator, pipe, optimizer, lr_scheduler, step, history, config, output_dir)
+            save_checkpoint(accelerator, pipe, optimizer, lr_scheduler, step, history, config, output_dir, average)
     if bar is not None:
         bar.close()
 
     # 6. The trained model directory
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_model(pipe, output_dir)
+        with average.applied() if average is not None else nullcontext():
+            _write_model(pipe, output_dir)
         (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -391,8 +411,14 @@ def _write_model(pipe, folder: Path) -> None:
     staging.rmdir()
 
 
-def save_checkpoint(accelerator, pipe, optimizer, lr_scheduler, step, history, config, output_dir: Path) -> Path:
-    """A model directory with the training state under ``output_dir/checkpoints/step-NNNNNN``."""
+def save_checkpoint(
+    accelerator, pipe, optimizer, lr_scheduler, step, history, config, output_dir: Path, average=None
+) -> Path:
+    """A model directory with the training state under ``output_dir/checkpoints/step-NNNNNN``.
+
+    The directory holds the step's own parameters (a resumed run continues from them); with ``ema_decay`` the
+    moving average is in the training state, and only the finished run's directory holds the average.
+    """
     folder = output_dir / CHECKPOINTS_DIR / f"step-{step:06d}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -403,6 +429,7 @@ def save_checkpoint(accelerator, pipe, optimizer, lr_scheduler, step, history, c
             "lr_scheduler": lr_scheduler.state_dict(),
             "step": step,
             "history": history,
+            "ema": average.state_dict() if average is not None else None,
         }
         torch.save(state, staging / TRAINING_STATE_FILE)
         shutil.rmtree(folder, ignore_errors=True)
