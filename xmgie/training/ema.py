@@ -39,7 +39,7 @@ class ParameterAverage:
             average.lerp_(parameter.detach(), rate)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "averages": self.averages}
+        return {"averages": self.averages}
 
     def load_state_dict(self, state: dict) -> None:
         averages = state["averages"]

@@ -250,8 +250,9 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     squared error already weighs, ``SNR`` for ε-prediction and ``SNR + 1`` for v-prediction.
 
     Plain mean squares let the many nearly noise-free timesteps, whose detail is cheap to predict, pull the
-    shared weights against the noisy ones that decide an edit's colours and layout; clamping each timestep's
-    weight at ``γ`` (5 in the paper) balances them and converges several times faster.
+    shared weights against the noisy ones that decide an edit's layout; clamping each timestep's weight at ``γ``
+    (5 in the paper) balances them, reported to converge several times faster at 256–512 px. On ``mini`` (64 px)
+    it left most colour edits far from their targets: see the README's "Training".
     """
     alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1 - alphas)
