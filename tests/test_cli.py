@@ -102,6 +102,20 @@ def test_edit_without_a_mask_writes_the_automatic_mask_and_switches_work(tmp_pat
     assert "edit scope: local" in result.stdout
     assert "preservation outside the mask: PSNR" in result.stdout
 
+    # A level above any difference the edit makes: the estimate is empty, so the edit is global.
+    result = xmgie(
+        *common,
+        "--auto-mask-mode",
+        "auto",
+        "--auto-mask-level",
+        "10",
+        "--output",
+        str(tmp_path / "c.png"),
+        cache_dir=model_cache,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "edit scope: global (100.0% of the image)" in result.stdout
+
     result = xmgie(
         *common,
         "--no-pfb",

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "always = always local to the estimated mask; off = global (default: the model's; auto for a model "
         "that sets none, off for mini)",
     )
+    extensions.add_argument(
+        "--auto-mask-level",
+        type=float,
+        help="the automatic mask's absolute threshold: a pixel is edited where the edit moves the noise prediction "
+        "by more than this (noise units); 0 = DiffEdit's rule, relative to the map's mean (default: the model's; "
+        "0 for a model that sets none, 0.03 for mini)",
+    )
     extensions.add_argument("--pfb-fraction", type=float, default=0.5, help="leading fraction of latent blending")
     extensions.add_argument("--pfb-reference", choices=["noise", "inversion", "inversion_start"], default="noise")
     extensions.add_argument("--cam-mode", choices=["hard", "soft"], default="hard")
@@ -332,7 +339,7 @@ def run_edit(args: argparse.Namespace) -> int:
             "region": args.ie_region,
         },
         gb={"enabled": not args.no_gb, "sigma_max": args.sigma_max, "sigma_s": args.sigma_s},
-        auto_mask={"mode": "off" if args.no_auto_mask else args.auto_mask_mode},
+        auto_mask={"mode": "off" if args.no_auto_mask else args.auto_mask_mode, "level": args.auto_mask_level},
     )
     image = load_image(args.image)
     mask = load_mask(args.mask, image.size) if args.mask else None

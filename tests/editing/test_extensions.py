@@ -15,7 +15,7 @@ from tests.conftest import gradient_image
 from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
 from xmgie.editing.blur import DEFAULT_SIGMA_MAX, resize_mask
 from xmgie.editing.images import mask_to_tensor
-from xmgie.editing.masks import estimate_edit_masks, mask_pyramid
+from xmgie.editing.masks import estimate_edit_masks, mask_pyramid, threshold_difference_map
 from xmgie.editing.options import CAMOptions, PFBOptions
 from xmgie.editing.pipeline import XMGIEPipeline
 
@@ -289,6 +289,60 @@ def test_automatic_mask_in_chunks_equals_one_call(tiny_pipe, conditioning):
     torch.testing.assert_close(chunked.difference, one_call.difference, atol=1e-5, rtol=1e-5)
     assert torch.equal(chunked.masks, one_call.masks)
     assert 0.0 < one_call.fractions()[0] < 1.0
+
+
+def box_iou(mask: np.ndarray, box: np.ndarray) -> float:
+    return float((mask & box).sum() / max((mask | box).sum(), 1))
+
+
+def test_an_absolute_level_calls_an_uneven_global_edit_global_and_still_finds_a_local_one():
+    rows, cols = np.mgrid[0:32, 0:32]
+    box = (abs(rows - 16) < 6) & (abs(cols - 12) < 6)
+    # A global edit of uneven strength (a brightening acts more on the dark half): above the level everywhere.
+    uneven = torch.from_numpy(np.where(cols < 16, 0.2, 0.05) + 0.002 * rows)
+    # A local edit: a strong difference inside the box over the model's small residual elsewhere.
+    local = torch.from_numpy(np.where(box, 0.15, 0.01) + 0.0005 * rows)
+    relative, _ = threshold_difference_map(uneven)
+    assert 0.0 < relative.mean() < 0.6  # DiffEdit's rule, relative to the mean, makes a blob of it
+    absolute, _ = threshold_difference_map(uneven, level=0.03)
+    assert absolute.all()
+    found, _ = threshold_difference_map(local, level=0.03)
+    assert box_iou(found, box) == 1.0
+    nothing, _ = threshold_difference_map(local, level=0.5)
+    assert not nothing.any()  # nothing changes enough: an empty mask, a global edit in the pipeline
+
+
+def test_smoothing_the_map_keeps_pixel_noise_out_of_the_mask():
+    rows, cols = np.mgrid[0:32, 0:32]
+    box = (abs(rows - 16) < 6) & (abs(cols - 12) < 6)
+    noise = np.random.default_rng(0).normal(0.0, 0.012, (32, 32))
+    local = torch.from_numpy(np.where(box, 0.05, 0.015) + noise)
+    speckled, _ = threshold_difference_map(local, level=0.03)
+    smoothed, _ = threshold_difference_map(local, level=0.03, smoothing=1.5)
+    assert box_iou(speckled, box) < 0.7
+    assert box_iou(smoothed, box) >= 0.85
+
+
+def test_the_map_is_in_noise_units_whatever_the_model_predicts(tiny_pipe, conditioning):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    image, latents, prompt, negative = conditioning
+    as_epsilon = estimate(tiny_pipe, latents, prompt, negative, draws=2, strength=0.7)
+    velocity = EulerAncestralDiscreteScheduler.from_config(tiny_pipe.scheduler.config, prediction_type="v_prediction")
+    as_velocity = estimate_edit_masks(
+        tiny_pipe.unet,
+        velocity,
+        latents,
+        prompt,
+        negative,
+        latent_scale=tiny_pipe.vae.config.scaling_factor,
+        draws=2,
+        strength=0.7,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Read as v, the same outputs imply the noise difference √ᾱ·(v_edit − v_null): the map is scaled by √ᾱ.
+    alpha = velocity.alphas_cumprod[int(round(0.7 * (len(velocity.alphas_cumprod) - 1)))]
+    torch.testing.assert_close(as_velocity.difference, alpha.sqrt() * as_epsilon.difference, rtol=1e-4, atol=1e-6)
 
 
 def test_automatic_mask_is_upsampled_smoothly(tiny_pipe):

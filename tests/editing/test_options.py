@@ -52,6 +52,9 @@ def test_invalid_values_name_the_option(field, value):
         ({"ratio": 0}, "auto_mask.ratio"),
         ({"global_fraction": 1.5}, "auto_mask.global_fraction"),
         ({"min_spread": -1}, "auto_mask.min_spread"),
+        ({"level": -0.1}, "auto_mask.level"),
+        ({"smoothing": 20}, "auto_mask.smoothing"),
+        ({"strength": 0}, "auto_mask.strength"),
     ],
 )
 def test_invalid_auto_mask_options_name_the_option(auto_mask, name):

@@ -317,6 +317,35 @@ def test_a_model_directory_carries_its_automatic_mask_mode(tiny_pipe, tmp_path):
     assert loaded.resolve_auto_mask(AutoMaskOptions(mode="auto")).mode == "auto"
 
 
+def test_a_model_directory_carries_its_automatic_mask_threshold_and_a_call_overrides_it(tiny_pipe, tmp_path):
+    settings = {"auto_mask_strength": 0.7, "auto_mask_level": 0.04, "auto_mask_smoothing": 1.5}
+    XMGIEPipeline(**tiny_pipe.components, **settings).save_pretrained(tmp_path / "model")
+    loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")
+    resolved = loaded.resolve_auto_mask(AutoMaskOptions())
+    assert (resolved.strength, resolved.level, resolved.smoothing) == (0.7, 0.04, 1.5)
+    plain = tiny_pipe.resolve_auto_mask(AutoMaskOptions())
+    assert (plain.strength, plain.level, plain.smoothing) == (0.5, 0.0, 0.0)  # DiffEdit's relative rule
+    assert loaded.resolve_auto_mask(AutoMaskOptions(level=0.0, strength=0.4)).level == 0.0
+    assert loaded.resolve_auto_mask(AutoMaskOptions(level=0.0, strength=0.4)).strength == 0.4
+    # The level acts: above every difference the estimate is empty and the edit global; at a tiny level the
+    # conditioning's difference covers the image, also global; the relative rule on the same call finds a blob.
+    image = gradient_image(64, 64)
+
+    def run(**auto_mask):
+        return loaded(
+            image,
+            "add a rainbow",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(1),
+            auto_mask={"mode": "auto", **auto_mask},
+        )
+
+    assert run(level=10.0).edit_scopes == ["global"]
+    assert run(level=1e-6).edit_scopes == ["global"]
+    blob = run(level=0.0, smoothing=0.0, min_spread=0.0)
+    assert blob.edit_scopes == ["local"] and 0.0 < blob.mask_fractions[0] < 0.6
+
+
 def test_a_model_directory_carries_its_gb_blur_and_a_call_overrides_it(tiny_pipe, tmp_path):
     XMGIEPipeline(**tiny_pipe.components, gb_sigma_max=0.5, gb_sigma_s=1.0).save_pretrained(tmp_path / "model")
     loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")

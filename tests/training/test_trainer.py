@@ -20,6 +20,7 @@ from xmgie.training.ema import ParameterAverage
 from xmgie.training.objective import (
     IGNORE_INDEX,
     MGIEObjective,
+    PairLatents,
     StepNoise,
     build_teacher_forcing_batch,
     draw_conditioning_dropout,
@@ -237,6 +238,35 @@ def test_dropped_items_reach_the_unet_as_null_conditioning_and_zero_image(pairs,
     assert seen["sample"][1, 4:].abs().max() == 0 and seen["sample"][0, 4:].abs().max() > 0
 
 
+def test_a_null_target_of_source_teaches_the_null_branch_no_edit(pairs, tiny_pipe):
+    objective, batch, inputs = objective_and_batch(pairs, tiny_pipe)
+    seen = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, :4].clone()))
+    noise = StepNoise.draw(torch.Generator().manual_seed(0), 2, (4, 4, 4), 1000)
+    # Item 0 loses its conditioning only (the null branch); item 1 loses conditioning and image (unconditional).
+    noise.drop_conditioning = torch.tensor([True, True])
+    noise.drop_image = torch.tensor([False, True])
+    try:
+        with torch.no_grad():
+            for null_target in ("target", "source"):
+                objective(inputs, batch["source_pixels"], batch["target_pixels"], noise, null_target=null_target)
+            latents = PairLatents.of(tiny_pipe.vae, batch["source_pixels"], batch["target_pixels"])
+    finally:
+        hook.remove()
+    scale = tiny_pipe.vae.config.scaling_factor
+    target = (latents.target_mean + latents.target_std * noise.latent_noise) * scale
+    noised = lambda clean: objective.noise_scheduler.add_noise(clean, noise.noise, noise.timesteps)  # noqa: E731
+    as_target, as_source = seen
+    assert torch.allclose(as_target, noised(target), atol=1e-5)
+    # "source": the null branch denoises the source's latent, so ε(image, ∅) learns no edit; the unconditional
+    # item keeps the target, so the image guidance still learns what the image adds.
+    assert torch.allclose(as_source[0], noised(latents.source * scale)[0], atol=1e-5)
+    assert torch.allclose(as_source[1], as_target[1])
+    assert not torch.allclose(as_source[0], as_target[0], atol=1e-3)
+    with pytest.raises(ValueError, match="null_target"):
+        objective(inputs, batch["source_pixels"], batch["target_pixels"], noise, null_target="nothing")
+
+
 def test_region_weights_give_a_small_region_its_share_of_the_loss_and_each_item_its_weight():
     masks = torch.zeros(4, 1, 32, 32)
     masks[0, :, 4:10, 4:10] = 1  # a local edit's region: 36 of 1,024 pixels
@@ -357,6 +387,8 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
         train(config(pairs, tmp_path / "x", model_cache, train=("text_encoder",)))
     with pytest.raises(EditInputError, match="--region-loss-share"):
         train(config(pairs, tmp_path / "x", model_cache, region_loss_share=1.0))
+    with pytest.raises(EditInputError, match="--null-target"):
+        train(config(pairs, tmp_path / "x", model_cache, null_target="nothing"))
     with pytest.raises(EditInputError, match="--snr-gamma"):
         train(config(pairs, tmp_path / "x", model_cache, snr_gamma=-1.0))
     with pytest.raises(EditInputError) as missing:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from xmgie.editing.blending import epsilon_from_prediction
 from xmgie.editing.blur import resize_mask
 
 
@@ -29,7 +30,9 @@ def mask_pyramid(masks: torch.Tensor, height: int, width: int) -> dict[int, torc
 
 def clean_binary_mask(mask: np.ndarray, min_fraction: float = 0.01) -> np.ndarray:
     """Close small gaps, fill holes and drop specks smaller than ``min_fraction`` of the image."""
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), border_value=0)
+    # Closed on an edge-padded copy: closing with a zero border would erode a mask where it meets the image's edge
+    # (a full mask would lose its outer ring).
+    mask = ndimage.binary_closing(np.pad(mask, 1, mode="edge"), structure=np.ones((3, 3)))[1:-1, 1:-1]
     mask = ndimage.binary_fill_holes(mask)
     labels, count = ndimage.label(mask)
     if count:
@@ -62,7 +65,8 @@ class EditMaskEstimate:
 
     Attributes:
         masks: (B, 1, h, w) binary latent masks (1 = edit): empty, partial or full.
-        difference: (B, h, w) the guided noise-prediction difference averaged over channels and draws.
+        difference: (B, h, w) the magnitude of the edit's noise-prediction difference ``ε_edit − ε_null``,
+            averaged over channels and draws (noise units, unguided).
         spread: per item, the difference map's standard deviation over its mean (0 for a zero map).
     """
 
@@ -82,21 +86,37 @@ def threshold_difference_map(
     threshold: float = 0.5,
     min_spread: float = 0.35,
     reference: float = 1.0,
+    level: float = 0.0,
+    smoothing: float = 0.0,
 ) -> tuple[np.ndarray, float]:
-    """One item's (h, w) difference map to a binary mask, by DiffEdit's clamp relative to the mean; and its spread.
+    """One item's (h, w) difference map to a binary mask, and the map's spread (standard deviation over mean).
 
-    The map is clamped to ``ratio`` times its mean and divided by that, then thresholded at ``threshold`` (DiffEdit's
-    ``mask_thresholding_ratio`` and 0.5), so a pixel is edited where its difference exceeds ``ratio·threshold``
-    times the mean. Two cases the relative clamp cannot tell apart are decided first: a map that is zero up to
-    float rounding (mean below ``1e-6·reference``, the size of the noise prediction) means the conditioning acts
-    nowhere — an empty mask; a flat map, whose spread (standard deviation over mean) is below ``min_spread`` or
-    where no pixel passes the threshold, means it acts about equally everywhere — a full mask.
+    ``smoothing`` above 0 first blurs the map with a Gaussian of that σ (latent pixels), which averages the
+    draws' pixel noise away before any threshold. A map that is zero up to float rounding (mean below
+    ``1e-6·reference``, the size of the noise prediction) means the conditioning acts nowhere — an empty mask.
+    Then one of two rules:
+
+    - ``level`` 0, DiffEdit's rule, relative to the map's own mean: the map is clamped to ``ratio`` times its mean
+      and divided by that, then thresholded at ``threshold`` (DiffEdit's ``mask_thresholding_ratio`` and 0.5), so
+      a pixel is edited where its difference exceeds ``ratio·threshold`` times the mean. A flat map (spread below
+      ``min_spread``), or one where no pixel passes, means the edit acts about equally everywhere — a full mask.
+      The rule finds *where* an edit acts most but cannot tell a global edit of uneven strength (a brightening
+      acts more on dark pixels) from a local one: both maps have a mean and pixels above it.
+    - ``level`` above 0, an absolute rule: a pixel is edited where the difference exceeds ``level`` (noise
+      units). A global edit then covers the image; a local one its region, as long as ``level`` lies between
+      the model's residual difference where the edit changes nothing and the difference its edits make.
+      No pixel above it: an empty mask (the edit changes nothing the model can see).
     """
     values = difference.double().cpu().numpy()
+    if smoothing > 0:
+        values = ndimage.gaussian_filter(values, smoothing, mode="nearest")
     mean = float(values.mean())
     if mean <= 1e-6 * reference:
         return np.zeros(values.shape, dtype=bool), 0.0
     spread = float(values.std()) / mean
+    if level > 0:
+        selected = values > level
+        return (clean_binary_mask(selected) if selected.any() else selected), spread
     clamp = ratio * mean
     selected = np.clip(values, 0.0, clamp) / clamp > threshold
     if spread < min_spread or not selected.any():
@@ -119,16 +139,19 @@ def estimate_edit_masks(
     ratio: float = 3.0,
     threshold: float = 0.5,
     min_spread: float = 0.35,
-    guidance_scale: float = 7.5,
+    level: float = 0.0,
+    smoothing: float = 0.0,
     chunk: int = 16,
 ) -> EditMaskEstimate:
     """Where the edit conditioning changes the model's noise prediction: binary latent masks, one per item.
 
     DiffEdit's recipe (diffusers' ``StableDiffusionDiffEditPipeline.generate_mask``) on InstructPix2Pix: the
     source latent is noised to ``strength`` of the training schedule with ``draws`` noises; the UNet predicts the
-    noise with the edit conditioning and with the null conditioning, both seeing the source image. The guided
-    predictions differ by ``guidance_scale·(ε_edit − ε_null)``; its magnitude, averaged over channels and draws, is
-    thresholded per item by :func:`threshold_difference_map`. The ``2·draws·B`` rows go through the UNet ``chunk``
+    noise with the edit conditioning and with the null conditioning, both seeing the source image (a model that
+    predicts ``v`` or the sample has its output turned into the noise it implies). The magnitude of
+    ``ε_edit − ε_null`` — the direction text guidance scales — averaged over channels and draws, is thresholded
+    per item by :func:`threshold_difference_map` (``smoothing``, ``level`` and the relative rule's ``ratio``,
+    ``threshold``, ``min_spread``). The ``2·draws·B`` rows go through the UNet ``chunk``
     rows at a time (the same result as one call, in bounded memory). ``image_latents`` are the unscaled source
     latents InstructPix2Pix conditions on; ``latent_scale`` is the VAE's scaling factor. Each item's draws come
     from its own generator in ``generator`` (a list, one per item), so its mask does not depend on its neighbours.
@@ -157,9 +180,10 @@ def estimate_edit_masks(
         )[0].float()
         for start in range(0, model_input.shape[0], chunk)
     ]
-    edit, null = torch.cat(predictions).chunk(2)
-    guided = guidance_scale * (edit - null)
-    difference = guided.abs().mean(dim=1).view(draws, batch, *edit.shape[-2:]).mean(dim=0)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    noise = epsilon_from_prediction(torch.cat(predictions), torch.cat([noisy, noisy]).float(), alpha, prediction_type)
+    edit, null = noise.float().chunk(2)
+    difference = (edit - null).abs().mean(dim=1).view(draws, batch, *edit.shape[-2:]).mean(dim=0)
     reference = null.abs().mean(dim=(1, 2, 3)).view(draws, batch).mean(dim=0)
 
     masks, spread = [], []
@@ -170,6 +194,8 @@ def estimate_edit_masks(
             threshold=threshold,
             min_spread=min_spread,
             reference=float(reference[row]),
+            level=level,
+            smoothing=smoothing,
         )
         masks.append(mask)
         spread.append(item_spread)

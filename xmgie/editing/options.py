@@ -221,12 +221,19 @@ class AutoMaskOptions:
             estimate: without a mask the edit is global; ``None`` (the default) — the model's mode (its
             ``model_index.json``'s ``auto_mask_mode``: ``off`` for ``mini``, whose estimates miss), else ``auto``.
         draws: noise draws averaged.
-        strength: noise level of the draws, as a fraction of the training schedule.
+        strength: noise level of the draws, as a fraction of the training schedule; ``None``: the model's
+            (``auto_mask_strength``), else 0.5.
+        level: ``0``: DiffEdit's rule, relative to the difference map's mean (``ratio``, ``threshold``,
+            ``min_spread``); above 0: a pixel is edited where the difference ``|ε_edit − ε_null|`` exceeds this
+            many noise units, so a global edit covers the image and a local one its region; ``None``: the
+            model's (``auto_mask_level``), else 0 (see :func:`xmgie.editing.masks.threshold_difference_map`).
+        smoothing: σ in latent pixels of a Gaussian blur of the difference map before the threshold; ``None``:
+            the model's (``auto_mask_smoothing``), else 0.
         ratio: the difference map is clamped to ``ratio`` times its mean (DiffEdit's ``mask_thresholding_ratio``).
         threshold: fraction of the clamp above which a pixel is edited (a pixel is edited where its difference
             exceeds ``ratio·threshold`` times the mean).
         min_spread: a difference map whose standard deviation is below this fraction of its mean is flat: the
-            edit acts about equally everywhere and the mask is full.
+            edit acts about equally everywhere and the mask is full (relative rule only).
         global_fraction: in ``auto`` mode, masks covering at least this fraction of the image make the edit global.
         chunk: UNet rows per call while drawing (the draws take ``2·draws`` rows per item).
     """
@@ -234,7 +241,9 @@ class AutoMaskOptions:
     enabled: bool = True
     mode: str | None = None
     draws: int = 8
-    strength: float = 0.5
+    strength: float | None = None
+    level: float | None = None
+    smoothing: float | None = None
     ratio: float = 3.0
     threshold: float = 0.5
     min_spread: float = 0.35
@@ -251,7 +260,12 @@ class AutoMaskOptions:
         elif self.mode == "off":
             object.__setattr__(self, "enabled", False)
         _check_integer("auto_mask.draws", self.draws, 1, 32)
-        _check_number("auto_mask.strength", self.strength, 0.05, 1.0)
+        if self.strength is not None:
+            _check_number("auto_mask.strength", self.strength, 0.05, 1.0)
+        if self.level is not None:
+            _check_number("auto_mask.level", self.level, 0.0, 10.0)
+        if self.smoothing is not None:
+            _check_number("auto_mask.smoothing", self.smoothing, 0.0, 16.0)
         _check_number("auto_mask.ratio", self.ratio, 0.1, 100.0)
         _check_number("auto_mask.threshold", self.threshold, 0.01, 0.99)
         _check_number("auto_mask.min_spread", self.min_spread, 0.0, 10.0)

@@ -103,6 +103,9 @@ class XMGIEPipeline(DiffusionPipeline):
         auto_mask_mode (`str`, optional): the automatic mask's mode when a call leaves it unset (``auto``,
             ``always`` or ``off``; saved in ``model_index.json``); ``None``: ``auto``. A model whose estimates
             cannot be trusted says ``off``: its unmasked edits are then global instead of confined to a wrong blob.
+        auto_mask_strength, auto_mask_level, auto_mask_smoothing (`float`, optional): the automatic mask's noise
+            level, absolute threshold and map blur when a call leaves them unset (saved in ``model_index.json``);
+            ``None``: 0.5, DiffEdit's relative threshold, no blur (:class:`~xmgie.editing.options.AutoMaskOptions`).
         gb_sigma_max, gb_sigma_s (`float`, optional): GB's blur, in working pixels, when a call leaves it unset
             (saved in ``model_index.json``); ``None``: the seed paper's 5 and 10, made for a 512-pixel working
             size. A model that works at a smaller size scales them down, or the feather eats its edit regions.
@@ -139,6 +142,9 @@ class XMGIEPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         image_guidance_scale: float | None = None,
         auto_mask_mode: str | None = None,
+        auto_mask_strength: float | None = None,
+        auto_mask_level: float | None = None,
+        auto_mask_smoothing: float | None = None,
         gb_sigma_max: float | None = None,
         gb_sigma_s: float | None = None,
         detail_radius: int | None = None,
@@ -157,12 +163,15 @@ class XMGIEPipeline(DiffusionPipeline):
             identity_adapter=identity_adapter,
         )
         # Saved in model_index.json: the largest working size (a model trained at one size edits at most at it;
-        # ``None``: no limit) and the guidance, automatic-mask mode and GB blur a call without them gets.
+        # ``None``: no limit) and the guidance, automatic-mask settings and GB blur a call without them gets.
         self.register_to_config(
             max_working_side=max_working_side,
             guidance_scale=guidance_scale,
             image_guidance_scale=image_guidance_scale,
             auto_mask_mode=auto_mask_mode,
+            auto_mask_strength=auto_mask_strength,
+            auto_mask_level=auto_mask_level,
+            auto_mask_smoothing=auto_mask_smoothing,
             gb_sigma_max=gb_sigma_max,
             gb_sigma_s=gb_sigma_s,
             detail_radius=detail_radius,
@@ -189,9 +198,16 @@ class XMGIEPipeline(DiffusionPipeline):
         )
 
     def resolve_auto_mask(self, auto_mask: AutoMaskOptions) -> AutoMaskOptions:
-        """``auto_mask`` with an unset mode made the model's (``model_index.json``'s ``auto_mask_mode``, else
-        ``auto``)."""
-        return replace(auto_mask, mode=self._model_setting(auto_mask.mode, "auto_mask_mode", "auto"))
+        """``auto_mask`` with its unset mode, strength, level and smoothing made the model's (``model_index.json``'s
+        ``auto_mask_mode``, ``auto_mask_strength``, ``auto_mask_level``, ``auto_mask_smoothing``), else ``auto``,
+        0.5, 0 (DiffEdit's relative threshold) and 0 (no blur)."""
+        return replace(
+            auto_mask,
+            mode=self._model_setting(auto_mask.mode, "auto_mask_mode", "auto"),
+            strength=float(self._model_setting(auto_mask.strength, "auto_mask_strength", 0.5)),
+            level=float(self._model_setting(auto_mask.level, "auto_mask_level", 0.0)),
+            smoothing=float(self._model_setting(auto_mask.smoothing, "auto_mask_smoothing", 0.0)),
+        )
 
     def resolve_gb(self, gb: GBOptions) -> GBOptions:
         """``gb`` with an unset ``sigma_max`` / ``sigma_s`` made the model's (``model_index.json``'s
@@ -859,7 +875,8 @@ class XMGIEPipeline(DiffusionPipeline):
                         ratio=auto_mask.ratio,
                         threshold=auto_mask.threshold,
                         min_spread=auto_mask.min_spread,
-                        guidance_scale=max(guidance_scale, 1.0),
+                        level=auto_mask.level,
+                        smoothing=auto_mask.smoothing,
                         chunk=auto_mask.chunk,
                     )
                 for position, (row, fraction) in enumerate(zip(missing, estimate.fractions(), strict=True)):

@@ -68,6 +68,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         help="Min-SNR-γ weighting of the edit loss over timesteps (5 is the paper's; 0: plain mean squares)",
     )
     train.add_argument(
+        "--null-target",
+        choices=["target", "source"],
+        default="target",
+        help="what items whose conditioning is dropped (source kept) learn: the edit's target (InstructPix2Pix) or "
+        "the source (no edit: the automatic mask's edit-vs-null difference is then the edit)",
+    )
+    train.add_argument(
         "--ema-decay",
         type=float,
         default=0.0,
@@ -130,6 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
         cache_latents=args.cache_latents,
         region_loss_share=args.region_loss_share,
         snr_gamma=args.snr_gamma,
+        null_target=args.null_target,
         ema_decay=args.ema_decay,
         progress=not args.no_progress,
     )

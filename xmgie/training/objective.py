@@ -33,6 +33,10 @@ from xmgie.editing.mllm import (
 IGNORE_INDEX = -100
 CONDITIONING_DROPOUT = 0.05
 """InstructPix2Pix's rate for each of: conditioning dropped, source image dropped, both dropped."""
+NULL_TARGETS = ("target", "source")
+"""What an item whose conditioning is dropped but whose source image is kept learns to produce:
+InstructPix2Pix's ``target`` (the edit, so the null branch learns the average edit of the data) or ``source``
+(no edit, so the null branch reconstructs the source; see :meth:`MGIEObjective.forward`)."""
 
 
 def num_image_tokens(mllm) -> int:
@@ -287,6 +291,7 @@ class MGIEObjective(nn.Module):
         region_masks: torch.Tensor | None = None,
         region_loss_share: float = 0.0,
         snr_gamma: float = 0.0,
+        null_target: str = "target",
     ) -> dict[str, torch.Tensor]:
         """``instruction_loss`` and ``edit_loss`` of a batch, and the ``conditioning_spread`` (no gradient).
 
@@ -294,7 +299,15 @@ class MGIEObjective(nn.Module):
         not encoded again. With ``region_masks`` (B, 1, H, W) and a ``region_loss_share`` above 0, the edit loss
         is weighted per pixel by :func:`region_loss_weights`. With ``snr_gamma`` above 0 each item's edit loss is
         weighted by :func:`min_snr_weights` of its timestep.
+
+        ``null_target`` ``source`` makes the items that lose only their conditioning denoise the source's latent
+        instead of the target's: the null branch ``ε(image, ∅)`` then learns "no edit" rather than InstructPix2Pix's
+        average edit of the data. The difference ``ε(image, edit) − ε(image, ∅)`` — the automatic mask's map and
+        the text-guidance direction — is then the edit itself: zero where the edit keeps the source, large where
+        it changes it, whatever the other edits of the data do there.
         """
+        if null_target not in NULL_TARGETS:
+            raise ValueError(f"null_target must be one of {NULL_TARGETS}, got {null_target!r}")
         device = source_pixels.device
         # 1. Instruction loss: teacher-forced cross-entropy on the answer tokens
         out = self.mllm(
@@ -326,6 +339,9 @@ class MGIEObjective(nn.Module):
                 self.vae.config.scaling_factor
             )
             source_latents = cached.source
+            if null_target == "source":
+                no_edit = (noise.drop_conditioning & ~noise.drop_image).to(device)[:, None, None, None]
+                latents = torch.where(no_edit, source_latents * self.vae.config.scaling_factor, latents)
         keep_image = (~noise.drop_image.to(device)).to(source_latents.dtype)[:, None, None, None]
         source_latents = source_latents * keep_image
 

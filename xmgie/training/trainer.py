@@ -33,6 +33,7 @@ from xmgie.editing.errors import EditInputError
 from xmgie.training.data import PairedEditDataset, collate_pairs, read_pairs
 from xmgie.training.ema import ParameterAverage
 from xmgie.training.objective import (
+    NULL_TARGETS,
     MGIEObjective,
     PairLatents,
     StepNoise,
@@ -91,6 +92,9 @@ class TrainingConfig:
     snr_gamma: float = 0.0
     """Min-SNR-γ weighting of the edit loss over timesteps (0: plain mean squares); see
     :func:`xmgie.training.objective.min_snr_weights`."""
+    null_target: str = "target"
+    """What items with the conditioning dropped (source kept) denoise: ``target`` (InstructPix2Pix) or ``source``
+    (the null branch learns "no edit"); see :data:`xmgie.training.objective.NULL_TARGETS`."""
     ema_decay: float = 0.0
     """Hand out the exponential moving average of the trained parameters with this decay (0: the parameters of
     the last step); see :class:`xmgie.training.ema.ParameterAverage`."""
@@ -119,6 +123,8 @@ class TrainingConfig:
             raise EditInputError("invalid_option", "--conditioning-dropout must be between 0 and 1/3")
         if not 0 <= self.region_loss_share < 1:
             raise EditInputError("invalid_option", "--region-loss-share must be at least 0 and below 1")
+        if self.null_target not in NULL_TARGETS:
+            raise EditInputError("invalid_option", f"--null-target must be one of {', '.join(NULL_TARGETS)}")
         if self.snr_gamma < 0:
             raise EditInputError("invalid_option", "--snr-gamma cannot be negative")
         if not 0 <= self.ema_decay < 1:
@@ -347,6 +353,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
                 region_masks=batch["mask"],
                 region_loss_share=config.region_loss_share,
                 snr_gamma=config.snr_gamma,
+                null_target=config.null_target,
             )
             loss = (
                 config.instruction_loss_weight * losses["instruction_loss"]
