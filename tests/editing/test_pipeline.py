@@ -296,15 +296,18 @@ def test_every_prediction_type_converts_back_to_the_noise_it_implies(prediction_
         epsilon_from_prediction(noise, noisy, scheduler.alphas_cumprod[0], "x0")
 
 
+def edit_gradient(pipe, instruction: str = "add a rainbow", seed: int = 1, **options):
+    """A two-step edit of a 64×64 gradient with a fixed seed."""
+    image = gradient_image(64, 64)
+    return pipe(image, instruction, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), **options)
+
+
 def test_a_model_directory_carries_its_automatic_mask_mode(tiny_pipe, tmp_path):
     XMGIEPipeline(**tiny_pipe.components, auto_mask_mode="off").save_pretrained(tmp_path / "model")
     loaded = XMGIEPipeline.from_pretrained(tmp_path / "model")
-    image = gradient_image(64, 64)
 
     def run(**options):
-        return loaded(
-            image, "add a rainbow", num_inference_steps=2, generator=torch.Generator().manual_seed(1), **options
-        )
+        return edit_gradient(loaded, **options)
 
     # Unset: the model's "off" — no estimate, a global edit.
     unset = run()
@@ -329,16 +332,9 @@ def test_a_model_directory_carries_its_automatic_mask_threshold_and_a_call_overr
     assert loaded.resolve_auto_mask(AutoMaskOptions(level=0.0, strength=0.4)).strength == 0.4
     # The level acts: above every difference the estimate is empty and the edit global; at a tiny level the
     # conditioning's difference covers the image, also global; the relative rule on the same call finds a blob.
-    image = gradient_image(64, 64)
 
     def run(**auto_mask):
-        return loaded(
-            image,
-            "add a rainbow",
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(1),
-            auto_mask={"mode": "auto", **auto_mask},
-        )
+        return edit_gradient(loaded, auto_mask={"mode": "auto", **auto_mask})
 
     assert run(level=10.0).edit_scopes == ["global"]
     assert run(level=1e-6).edit_scopes == ["global"]
@@ -383,18 +379,8 @@ def test_a_model_with_a_detail_radius_puts_the_source_detail_into_its_decoded_ed
     image = gradient_image(64, 64)
 
     def edit(**options):
-        return loaded(
-            image,
-            "make it warmer",
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(3),
-            pfb=False,
-            cam=False,
-            ie=False,
-            gb=False,
-            auto_mask=False,
-            **options,
-        ).images[0]
+        plain = dict(pfb=False, cam=False, ie=False, gb=False, auto_mask=False)
+        return edit_gradient(loaded, "make it warmer", seed=3, **plain, **options).images[0]
 
     latents = edit(output_type="latent")
     with torch.no_grad():

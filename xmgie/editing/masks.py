@@ -168,7 +168,8 @@ def estimate_edit_masks(
 
     noises = [randn_tensor(source.shape, generator=generator, device=device, dtype=dtype) for _ in range(draws)]
     noisy = torch.cat([(alpha.sqrt() * source.float() + (1 - alpha).sqrt() * n.float()).to(dtype) for n in noises])
-    model_input = torch.cat([torch.cat([noisy, noisy]), image_latents.to(dtype).repeat(2 * draws, 1, 1, 1)], dim=1)
+    both = torch.cat([noisy, noisy])  # the edit rows, then the null rows, on the same draws
+    model_input = torch.cat([both, image_latents.to(dtype).repeat(2 * draws, 1, 1, 1)], dim=1)
     conditioning = torch.cat([prompt_embeds.repeat(draws, 1, 1), negative_prompt_embeds.repeat(draws, 1, 1)])
     conditioning = conditioning.to(device=device, dtype=dtype)
     predictions = [
@@ -181,7 +182,7 @@ def estimate_edit_masks(
         for start in range(0, model_input.shape[0], chunk)
     ]
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    noise = epsilon_from_prediction(torch.cat(predictions), torch.cat([noisy, noisy]).float(), alpha, prediction_type)
+    noise = epsilon_from_prediction(torch.cat(predictions), both.float(), alpha, prediction_type)
     edit, null = noise.float().chunk(2)
     difference = (edit - null).abs().mean(dim=1).view(draws, batch, *edit.shape[-2:]).mean(dim=0)
     reference = null.abs().mean(dim=(1, 2, 3)).view(draws, batch).mean(dim=0)
