@@ -71,6 +71,7 @@ COLUMNS = (
     "mask_iou_local",
     "scope_accuracy",
     "names_kind_share",
+    "expressive_exact_share",
 )
 
 
@@ -123,6 +124,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mask_iou_local": by_scope["local"].get("mask_iou"),
         "scope_accuracy": everything["all"]["scope_accuracy"],
         "names_kind_share": everything["all"]["names_kind_share"],
+        "expressive_exact_share": everything["all"]["expressive_exact_share"],
     }
 
 

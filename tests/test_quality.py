@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from xmgie.editing.errors import EditInputError
-from xmgie.quality import PSNR_CAP, aggregate, format_table, item_scores, names_kind, read_paired_metadata
+from xmgie.quality import (
+    PSNR_CAP,
+    aggregate,
+    format_table,
+    item_scores,
+    names_kind,
+    read_paired_metadata,
+    same_expressive,
+)
 from xmgie.training.synth import KINDS, write_synthetic_dataset
 
 
@@ -96,6 +104,22 @@ def test_names_kind_and_scope() -> None:
     assert item_scores(source, target, target, mask, edit_scope="global", kind="add_shape")["scope_correct"] is False
     assert item_scores(source, target, target, mask, edit_scope="global", kind="night")["scope_correct"] is True
     assert item_scores(source, target, target, mask, edit_scope="local")["scope_correct"] is None
+
+
+def test_an_expressive_instruction_is_exact_only_with_every_part_of_the_datasets_own() -> None:
+    reference = "A new red circle is added in the image's top left area, nothing else changes."
+    assert same_expressive(reference, reference)
+    assert same_expressive("a new RED circle is added in the  image's top left area, nothing else changes.", reference)
+    # Naming the kind, the colour and the shape is not enough: the place is wrong.
+    wrong_place = reference.replace("top left", "top right")
+    assert names_kind(wrong_place, "add_shape") and not same_expressive(wrong_place, reference)
+    assert same_expressive(None, reference) is None and same_expressive(reference, None) is None
+    source, target, mask = images()
+    scores = item_scores(source, target, target, mask, expressive=wrong_place, reference_expressive=reference)
+    assert scores["expressive_exact"] is False
+    assert item_scores(source, target, target, mask, expressive=reference)["expressive_exact"] is None
+    table = aggregate([{"kind": "add_shape", "expressive_exact": flag} for flag in (True, False, False, None)])
+    assert table["add_shape"]["expressive_exact_share"] == pytest.approx(1 / 3)
 
 
 def test_aggregate_means_per_kind_ignoring_none() -> None:
@@ -186,7 +210,8 @@ def test_eval_paired_reads_batch_results(split: Path, tmp_path: Path) -> None:
                 "output": None,
                 "mask": str(mask) if mask else None,
                 "edit_scope": "local" if local else "global",
-                "expressive_instruction": row["expressive_instruction"],
+                # The first item's expressive instruction names its kind but is not the dataset's.
+                "expressive_instruction": row["expressive_instruction"] + (" Also bluer." if index == 0 else ""),
             }
         )
     results = tmp_path / "results.jsonl"
@@ -199,6 +224,7 @@ def test_eval_paired_reads_batch_results(split: Path, tmp_path: Path) -> None:
     table = json.loads(report.read_text())["table"]
     assert table["all"]["scope_accuracy"] == 1.0
     assert table["all"]["names_kind_share"] == 1.0
+    assert table["all"]["expressive_exact_share"] == pytest.approx(1 - 1 / len(metadata))
     assert table["all"]["mask_iou"] == 1.0
 
 

@@ -21,6 +21,11 @@ and the true edit region (white = edited). Against them an output is scored by
 ``scope_correct`` / ``names_kind``
     whether the reported edit scope matches the kind's (``global`` / ``local``), and whether the
     expressive instruction names the kind (see :data:`KIND_KEYWORDS`).
+``expressive_exact``
+    whether the expressive instruction is the dataset's own (``expressive_instruction`` of the row), up to
+    case and spacing. The synthetic dataset writes one per edit, from the edit itself, so a model that
+    learnt it writes it word for word; a shape edit's is exact only with the right shape, colours and place,
+    which naming the kind does not check.
 
 PSNRs of identical pixels are capped at :data:`PSNR_CAP` dB. :func:`aggregate` averages rows per
 kind (or any other key), :func:`format_table` prints the result as a markdown table, and
@@ -61,6 +66,7 @@ __all__ = [
     "item_scores",
     "names_kind",
     "read_paired_metadata",
+    "same_expressive",
 ]
 
 PSNR_CAP = 100.0
@@ -108,6 +114,7 @@ SCORE_NAMES = (
     "mask_iou",
     "scope_correct",
     "names_kind",
+    "expressive_exact",
 )
 
 ArrayLike = np.ndarray | Image.Image | str | os.PathLike
@@ -204,6 +211,13 @@ def names_kind(expressive: str | None, kind: str | None) -> bool | None:
     return any(word in text for word in KIND_KEYWORDS[kind])
 
 
+def same_expressive(expressive: str | None, reference: str | None) -> bool | None:
+    """Whether ``expressive`` is ``reference`` up to case and runs of spaces; ``None`` if either is unknown."""
+    if expressive is None or not reference:
+        return None
+    return " ".join(expressive.lower().split()) == " ".join(reference.lower().split())
+
+
 def item_scores(
     source: ArrayLike,
     target: ArrayLike,
@@ -214,6 +228,7 @@ def item_scores(
     edit_scope: str | None = None,
     expressive: str | None = None,
     kind: str | None = None,
+    reference_expressive: str | None = None,
     far_px: float = DEFAULT_FAR_PX,
 ) -> dict[str, Any]:
     """Scores of one output against its target and source (see the module's docstring for each).
@@ -225,7 +240,8 @@ def item_scores(
     equals the target inside the region, ``psnr_outside`` and ``far_outside_equal`` where there is
     no pixel outside (or far outside) the region, ``mask_iou`` without ``estimated_mask``,
     ``scope_correct`` without ``edit_scope`` or a known ``kind``, ``names_kind`` without
-    ``expressive`` or a known ``kind``.
+    ``expressive`` or a known ``kind``, ``expressive_exact`` without ``expressive`` or
+    ``reference_expressive`` (the dataset's).
 
     Raises:
         EditInputError: ``invalid_image`` when the source and target differ in size.
@@ -276,6 +292,7 @@ def item_scores(
         "mask_iou": iou,
         "scope_correct": scope_correct,
         "names_kind": names_kind(expressive, kind),
+        "expressive_exact": same_expressive(expressive, reference_expressive),
     }
 
 
@@ -400,6 +417,7 @@ def edit_and_score(
         edit_scope=out.edit_scopes[0],
         expressive=out.expressive_instructions[0],
         kind=row.get("kind"),
+        reference_expressive=row.get("expressive_instruction"),
     )
     return {"kind": row.get("kind"), "edit_scope": out.edit_scopes[0], **scores}
 
@@ -422,6 +440,7 @@ def _means(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         group[name] = math.fsum(values) / len(values) if values else None
     group["scope_accuracy"] = group.pop("scope_correct")
     group["names_kind_share"] = group.pop("names_kind")
+    group["expressive_exact_share"] = group.pop("expressive_exact")
     return group
 
 
@@ -429,8 +448,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]], by: str = "kind") -> dict[str, 
     """Means of every score per value of ``rows``' key ``by`` (sorted), and over all rows under ``"all"``.
 
     Each group has ``n`` (its rows) and the mean of each score of :func:`item_scores` over the rows
-    where it is not ``None``; ``scope_correct`` and ``names_kind`` become ``scope_accuracy`` and
-    ``names_kind_share`` (the share of true values). A mean with no value is ``None``.
+    where it is not ``None``; ``scope_correct``, ``names_kind`` and ``expressive_exact`` become
+    ``scope_accuracy``, ``names_kind_share`` and ``expressive_exact_share`` (the share of true values). A mean
+    with no value is ``None``.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -450,6 +470,7 @@ TABLE_COLUMNS = (
     "mask_iou",
     "scope_accuracy",
     "names_kind_share",
+    "expressive_exact_share",
 )
 
 
@@ -628,6 +649,7 @@ def evaluate_paired(
                 edit_scope=edit_scope,
                 expressive=expressive,
                 kind=row["kind"],
+                reference_expressive=row.get("expressive_instruction"),
                 far_px=far_px,
             )
         except (OSError, ValueError) as error:

@@ -498,3 +498,57 @@ def test_a_run_writes_the_average_keeps_raw_checkpoints_and_resumes_it(pairs, mo
     assert not same(averaged, raw[2])
     resumed = unet(tmp_path / "resumed")
     assert all(torch.allclose(resumed[name], averaged[name], atol=1e-6) for name in averaged)
+
+
+def test_repeated_items_come_that_many_times_an_epoch_and_a_restart_still_reads_the_whole_run():
+    sampler = StepSampler(3, 1, seed=2, process=0, processes=1, repeats=[1, 3, 1])
+    stream = take(sampler, 15)
+    for epoch in range(3):
+        assert sorted(stream[epoch * 5 : epoch * 5 + 5]) == [0, 1, 1, 1, 2]
+    assert stream[:5] != stream[5:10]
+    assert take(StepSampler(3, 1, seed=2, process=0, processes=1, start_batch=4, repeats=[1, 3, 1]), 11) == stream[4:]
+    # Without repeats the stream is the one it always was.
+    assert take(StepSampler(5, 2, seed=1, process=0, processes=1, repeats=[1] * 5), 20) == take(
+        StepSampler(5, 2, seed=1, process=0, processes=1), 20
+    )
+
+
+def test_repeat_rules_match_metadata_columns_and_refuse_what_matches_nothing(pairs):
+    from xmgie.editing.errors import EditInputError
+    from xmgie.training.data import read_pairs
+    from xmgie.training.trainer import row_repeats
+
+    rows = read_pairs(pairs)
+    kinds = [row.extra["kind"] for row in rows]
+    assert set(kinds) == {"invert", "add_shape"}
+    assert row_repeats(rows, ["kind=add_shape:3"]) == [3 if kind == "add_shape" else 1 for kind in kinds]
+    # A row two rules match is read by the larger count.
+    both = row_repeats(rows, ["scope=local:2", "kind=add_shape:4", "scope=global:5"])
+    assert both == [4 if kind == "add_shape" else 5 for kind in kinds]
+    with pytest.raises(EditInputError, match="no metadata row has kind = 'sepia'"):
+        row_repeats(rows, ["kind=sepia:2"])
+    for bad in ("kind=add_shape", "kind=add_shape:0", "=x:2", "kind:2", "kind=add_shape:1.5"):
+        with pytest.raises(EditInputError, match="COLUMN=VALUE:TIMES"):
+            row_repeats(rows, [bad])
+
+
+def test_a_run_reads_the_repeated_rows_as_often_as_asked(pairs, model_cache, tmp_path, monkeypatch, capsys):
+    from xmgie.training.data import read_pairs
+
+    kinds = [row.extra["kind"] for row in read_pairs(pairs)]
+    reads: list[str] = []
+    original = PairedEditDataset.__getitem__
+    monkeypatch.setattr(
+        PairedEditDataset, "__getitem__", lambda self, index: reads.append(kinds[index]) or original(self, index)
+    )
+    epoch = kinds.count("invert") + 3 * kinds.count("add_shape")
+    train(
+        config(
+            pairs, tmp_path / "out", model_cache, batch_size=1, max_steps=2 * epoch, repeat_rows=("kind=add_shape:3",)
+        )
+    )
+    assert len(reads) == 2 * epoch
+    assert reads.count("add_shape") == 2 * 3 * kinds.count("add_shape")
+    # The command line takes the same rules and refuses a malformed one before loading anything.
+    assert main(["train", "--data", str(pairs), "--output-dir", str(tmp_path / "bad"), "--repeat-rows", "kind"]) == 2
+    assert "COLUMN=VALUE:TIMES" in capsys.readouterr().err

@@ -75,6 +75,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         "the source (no edit: the automatic mask's edit-vs-null difference is then the edit)",
     )
     train.add_argument(
+        "--repeat-rows",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE:TIMES",
+        help="read each metadata row whose COLUMN is VALUE TIMES times per epoch (repeatable; e.g. scope=local:3)",
+    )
+    train.add_argument(
         "--ema-decay",
         type=float,
         default=0.0,
@@ -139,6 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
         snr_gamma=args.snr_gamma,
         null_target=args.null_target,
         ema_decay=args.ema_decay,
+        repeat_rows=tuple(args.repeat_rows),
         progress=not args.no_progress,
     )
     result = train(config)

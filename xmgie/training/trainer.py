@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from xmgie.editing.errors import EditInputError
-from xmgie.training.data import PairedEditDataset, collate_pairs, read_pairs
+from xmgie.training.data import EditPair, PairedEditDataset, collate_pairs, read_pairs
 from xmgie.training.ema import ParameterAverage
 from xmgie.training.objective import (
     NULL_TARGETS,
@@ -95,6 +95,9 @@ class TrainingConfig:
     null_target: str = "target"
     """What items with the conditioning dropped (source kept) denoise: ``target`` (InstructPix2Pix) or ``source``
     (the null branch learns "no edit"); see :data:`xmgie.training.objective.NULL_TARGETS`."""
+    repeat_rows: tuple[str, ...] = ()
+    """``COLUMN=VALUE:TIMES`` rules: a metadata row whose ``COLUMN`` is ``VALUE`` is read ``TIMES`` times per epoch
+    (a row several rules match, by the largest); see :func:`row_repeats`."""
     ema_decay: float = 0.0
     """Hand out the exponential moving average of the trained parameters with this decay (0: the parameters of
     the last step); see :class:`xmgie.training.ema.ParameterAverage`."""
@@ -127,6 +130,7 @@ class TrainingConfig:
             raise EditInputError("invalid_option", f"--null-target must be one of {', '.join(NULL_TARGETS)}")
         if self.snr_gamma < 0:
             raise EditInputError("invalid_option", "--snr-gamma cannot be negative")
+        parse_repeat_rules(self.repeat_rows)
         if not 0 <= self.ema_decay < 1:
             raise EditInputError("invalid_option", "--ema-decay must be at least 0 and below 1")
         if self.resolution is not None and self.resolution < 8:
@@ -148,28 +152,70 @@ def step_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
+def parse_repeat_rules(rules) -> list[tuple[str, str, int]]:
+    """``COLUMN=VALUE:TIMES`` strings as (column, value, times); anything else is refused, naming the rule."""
+    parsed = []
+    for rule in rules:
+        column, _, rest = str(rule).partition("=")
+        value, _, times = rest.rpartition(":")
+        if not column or not value or not times.isdigit() or int(times) < 1:
+            raise EditInputError(
+                "invalid_option", f"--repeat-rows: {rule!r} is not COLUMN=VALUE:TIMES with TIMES a whole number ≥ 1"
+            )
+        parsed.append((column, value, int(times)))
+    return parsed
+
+
+def row_repeats(pairs: list[EditPair], rules) -> list[int]:
+    """How many times each pair is read per epoch under ``rules`` (``COLUMN=VALUE:TIMES``; 1 where none matches).
+
+    The columns are the metadata's own (``kind``, ``scope`` in ``xmgie data synth``'s). A rule no row matches is
+    refused: it is a misspelt column or value, and the run it was meant to shape would silently be another.
+    """
+    counts = [1] * len(pairs)
+    for column, value, times in parse_repeat_rules(rules):
+        matches = [i for i, pair in enumerate(pairs) if str(pair.extra.get(column)) == value]
+        if not matches:
+            raise EditInputError("invalid_option", f"--repeat-rows: no metadata row has {column} = {value!r}")
+        for i in matches:
+            counts[i] = max(counts[i], times)
+    return counts
+
+
 class StepSampler(Sampler[int]):
     """Endless sample indices for one process, from sample ``start`` of its share on.
 
-    The stream is a new permutation of the dataset per epoch, drawn from (seed, epoch); process ``p``
-    of ``P`` takes the batches ``p, p + P, p + 2P, …`` of it, so the processes never read the same
-    sample in a step and a run restarted at any step reads what the uninterrupted run would have.
+    An epoch reads item ``i`` ``repeats[i]`` times (once each without ``repeats``); the stream is a new
+    permutation of the epoch per epoch, drawn from (seed, epoch); process ``p`` of ``P`` takes the batches
+    ``p, p + P, p + 2P, …`` of it, so the processes never read the same sample in a step and a run restarted at
+    any step reads what the uninterrupted run would have.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, process: int, processes: int, start_batch: int = 0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        process: int,
+        processes: int,
+        start_batch: int = 0,
+        repeats: list[int] | None = None,
+    ):
+        self.items = np.repeat(np.arange(size), repeats if repeats is not None else 1)
+        self.batch_size, self.seed = batch_size, seed
         self.process, self.processes, self.start_batch = process, processes, start_batch
 
     def __iter__(self) -> Iterator[int]:
         batch = self.start_batch
         epoch, order = -1, None
+        length = len(self.items)
         while True:
             first = (batch * self.processes + self.process) * self.batch_size
             for position in range(first, first + self.batch_size):
-                if position // self.size != epoch:
-                    epoch = position // self.size
-                    order = np.random.default_rng([self.seed, 3, epoch]).permutation(self.size)
-                yield int(order[position % self.size])
+                if position // length != epoch:
+                    epoch = position // length
+                    order = self.items[np.random.default_rng([self.seed, 3, epoch]).permutation(length)]
+                yield int(order[position % length])
             batch += 1
 
 
@@ -294,6 +340,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         accelerator.process_index,
         accelerator.num_processes,
         start_batch=micro_batches_done,
+        repeats=row_repeats(pairs, config.repeat_rows) if config.repeat_rows else None,
     )
     loader = DataLoader(
         dataset,
