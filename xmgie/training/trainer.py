@@ -340,7 +340,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
         accelerator.process_index,
         accelerator.num_processes,
         start_batch=micro_batches_done,
-        repeats=row_repeats(pairs, config.repeat_rows) if config.repeat_rows else None,
+        repeats=row_repeats(pairs, config.repeat_rows),
     )
     loader = DataLoader(
         dataset,
