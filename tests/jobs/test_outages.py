@@ -1,5 +1,6 @@
 """Outages met while processing: an unreachable storage does not spend attempts, an output write is retried in
-place, a lease stays its worker's across a lost commit, and database retries stop at their deadline."""
+place, a lease stays its worker's across a lost commit, an outage after an item's result is recorded never hides
+that result, and database retries stop at their deadline."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 
 import pytest
 from PIL import Image
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, exc, select
 
 from tests.services import free_port
 from xmgie.jobs import processing, transitions
@@ -18,7 +19,7 @@ from xmgie.jobs.editor import NoOpEditor
 from xmgie.jobs.models import Item, Tenant, utc_now
 from xmgie.jobs.processing import DEFERRED, StorageDeferral, process_items
 from xmgie.jobs.settings import Settings
-from xmgie.jobs.storage import LocalStorage, StorageUnavailableError
+from xmgie.jobs.storage import LocalStorage, StorageUnavailableError, manifest_key
 
 WORKER = "outage-worker"
 
@@ -81,6 +82,46 @@ def one_item(session_factory, storage: LocalStorage) -> uuid.UUID:
             session=session, tenant_id=tenant.id, items=[{"input_key": key, "instruction": "x"}]
         )
         return session.execute(select(Item.id).where(Item.job_id == job.id)).scalar_one()
+
+
+class OutageAfterResults:
+    """A session factory that refuses connections, as a stopped PostgreSQL does, from the moment an item's result is
+    recorded until ``outage_seconds`` later (``None``: for good)."""
+
+    def __init__(self, session_factory, outage_seconds: float | None) -> None:
+        self.session_factory = session_factory
+        self.outage_seconds = outage_seconds
+        self.down_since: float | None = None
+        self.refused = 0
+
+    def start(self) -> None:
+        self.down_since = time.monotonic()
+
+    def __call__(self):
+        if self.down_since is not None:
+            if self.outage_seconds is None or time.monotonic() - self.down_since < self.outage_seconds:
+                self.refused += 1
+                raise exc.OperationalError("connect", {}, ConnectionRefusedError("connection refused"))
+        return self.session_factory()
+
+
+@pytest.fixture
+def outage_after_results(monkeypatch: pytest.MonkeyPatch, session_factory):
+    """``make(outage_seconds)``: the session factory of an outage that begins once a result is recorded."""
+
+    def make(outage_seconds: float | None) -> OutageAfterResults:
+        outage = OutageAfterResults(session_factory, outage_seconds)
+        record = transitions.succeed_item
+
+        def succeed_then_go_down(**kwargs):
+            recorded = record(**kwargs)
+            outage.start()
+            return recorded
+
+        monkeypatch.setattr(transitions, "succeed_item", succeed_then_go_down)
+        return outage
+
+    return make
 
 
 def item(session_factory, item_id: uuid.UUID) -> Item:
@@ -181,6 +222,82 @@ def test_an_output_write_failing_past_its_retry_time_spends_the_attempt(session_
     assert (outcome.status, outcome.error_code) == ("queued", "storage_error")
     assert 2 <= storage.output_writes < 1000
     assert item(session_factory, item_id).attempts == 1
+
+
+def job_of(session_factory, item_id: uuid.UUID) -> uuid.UUID:
+    return item(session_factory, item_id).job_id
+
+
+def test_an_outage_right_after_a_result_is_ridden_through_and_the_job_ended(
+    session_factory, outage_after_results, settings, tmp_path
+):
+    """The database stops just after the last item's success commits: the ended job is still found (its manifest
+    written, its end announced) once the database is back, and the success is returned, never raised over."""
+    storage = LocalStorage(tmp_path / "storage")
+    item_id = one_item(session_factory, storage)
+    outage = outage_after_results(0.5)
+    announced = []
+
+    [outcome] = process_items(
+        session_factory=outage,
+        storage=storage,
+        editor=CountingEditor(),
+        item_ids=[item_id],
+        worker=WORKER,
+        settings=settings,
+        on_jobs_finished=announced.append,
+    )
+
+    job_id = job_of(session_factory, item_id)
+    assert outage.refused > 0
+    assert outcome.status == "succeeded" and item(session_factory, item_id).attempts == 1
+    assert announced == [[job_id]]
+    assert storage.exists(manifest_key(job_id))
+
+
+def test_an_outage_outlasting_its_retries_after_a_result_still_returns_the_result(
+    session_factory, outage_after_results, settings, tmp_path
+):
+    """What follows a recorded result (the ended jobs' manifests and announcements) is left to the readers and the
+    sweeps when the database stays away: the caller still learns the item succeeded, so nothing redoes it."""
+    storage = LocalStorage(tmp_path / "storage")
+    item_id = one_item(session_factory, storage)
+    outage = outage_after_results(None)
+    announced = []
+
+    [outcome] = process_items(
+        session_factory=outage,
+        storage=storage,
+        editor=CountingEditor(),
+        item_ids=[item_id],
+        worker=WORKER,
+        settings=settings.model_copy(update={"database_retry_seconds": 0.3}),
+        on_jobs_finished=announced.append,
+    )
+
+    assert outage.refused > 1
+    assert outcome.status == "succeeded" and item(session_factory, item_id).status == "succeeded"
+    assert announced == [] and not storage.exists(manifest_key(job_of(session_factory, item_id)))
+
+
+def test_a_failing_announcement_of_an_ended_job_does_not_hide_the_results(session_factory, settings, tmp_path):
+    storage = LocalStorage(tmp_path / "storage")
+    item_id = one_item(session_factory, storage)
+
+    def announce(job_ids):
+        raise exc.OperationalError("select", {}, ConnectionRefusedError("connection refused"))
+
+    [outcome] = process_items(
+        session_factory=session_factory,
+        storage=storage,
+        editor=CountingEditor(),
+        item_ids=[item_id],
+        worker=WORKER,
+        settings=settings,
+        on_jobs_finished=announce,
+    )
+    assert outcome.status == "succeeded"
+    assert storage.exists(manifest_key(job_of(session_factory, item_id)))
 
 
 def test_a_worker_takes_its_own_lease_again_with_the_same_attempts(session_factory, settings, tmp_path):

@@ -167,7 +167,9 @@ def process_items(
     inputs cannot be read is ``deferred`` (no attempt spent) while ``storage_deferral`` allows it, else it spends
     an attempt.
     ``on_jobs_finished(job_ids)`` is called with the jobs of these items that have ended, if any, after their
-    manifests are written (the workers publish their webhooks there).
+    manifests are written (the workers publish their webhooks there). Once the outcomes are recorded nothing raises:
+    a failure of what follows them (manifests, runs, ``on_jobs_finished``) is logged and left to the sweeps, so a
+    caller never takes a recorded result for an unfinished one.
     """
     outcomes: dict[uuid.UUID, ItemOutcome] = {}
     claimed: list[_Claimed] = []
@@ -212,9 +214,12 @@ def process_items(
     for entry in claimed:
         assert entry.outcome is not None
         outcomes[entry.id] = entry.outcome
-    finished = _write_finished_manifests(session_factory, storage, list(outcomes))
+    finished = _write_finished_manifests(session_factory, storage, settings, list(outcomes))
     if finished and on_jobs_finished is not None:
-        on_jobs_finished(finished)
+        try:
+            on_jobs_finished(finished)
+        except Exception:  # noqa: BLE001 - the outcomes are recorded; the reconciler publishes what is left pending
+            logger.exception("announcing the end of jobs %s failed", finished)
     return [outcomes[item_id] for item_id in item_ids]
 
 
@@ -569,19 +574,33 @@ def _put_retrying(
 
 
 def _write_finished_manifests(
-    session_factory: SessionFactory, storage: Storage, item_ids: list[uuid.UUID]
+    session_factory: SessionFactory, storage: Storage, settings: Settings, item_ids: list[uuid.UUID]
 ) -> list[uuid.UUID]:
     """Write the results manifest of each job of ``item_ids`` that has no queued or running items left (and publish
-    its augmentation run, if it is one); those jobs."""
+    its augmentation run, if it is one); those jobs. Runs after the items' outcomes are recorded, so nothing here
+    raises: a database outage outlasting its retries leaves the manifests to the database (the API reads them from
+    it until one is stored) and the runs to the schedule dispatcher's sweep, and an empty list is returned."""
     if not item_ids:
         return []
-    with _transaction(session_factory) as session:
-        query = select(Job.id, Job.status).where(Job.id.in_(select(Item.job_id).where(Item.id.in_(item_ids))))
-        finished = [job_id for job_id, status in session.execute(query) if JobStatus(status).is_terminal()]
+    query = select(Job.id, Job.status).where(Job.id.in_(select(Item.job_id).where(Item.id.in_(item_ids))))
+    try:
+        finished = _in_transaction(
+            session_factory,
+            settings,
+            "finding the ended jobs",
+            lambda session: [job_id for job_id, status in session.execute(query) if JobStatus(status).is_terminal()],
+        )
+    except Exception:  # noqa: BLE001 - the items are recorded; their jobs' ends are swept up later
+        logger.exception("finding the ended jobs of items %s failed", [str(item_id) for item_id in item_ids])
+        return []
     for job_id in finished:
         try:
-            with _transaction(session_factory) as session:
-                write_results_manifest(session, storage, job_id)
+            _in_transaction(
+                session_factory,
+                settings,
+                f"writing the results manifest of job {job_id}",
+                lambda session, job_id=job_id: write_results_manifest(session, storage, job_id),
+            )
         except Exception:  # noqa: BLE001 - the items are recorded; a later call or a reader can rewrite it
             logger.exception("writing the results manifest of job %s failed", job_id)
     try:
