@@ -98,10 +98,12 @@ class OutageAfterResults:
         self.down_since = time.monotonic()
 
     def __call__(self):
-        if self.down_since is not None:
-            if self.outage_seconds is None or time.monotonic() - self.down_since < self.outage_seconds:
-                self.refused += 1
-                raise exc.OperationalError("connect", {}, ConnectionRefusedError("connection refused"))
+        down = self.down_since is not None and (
+            self.outage_seconds is None or time.monotonic() - self.down_since < self.outage_seconds
+        )
+        if down:
+            self.refused += 1
+            raise exc.OperationalError("connect", {}, ConnectionRefusedError("connection refused"))
         return self.session_factory()
 
 
