@@ -311,6 +311,49 @@ def test_the_edit_loss_weighs_each_pixel_by_its_region_weight(pairs, tiny_pipe):
     assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)
 
 
+def test_masked_attention_items_are_drawn_last_at_their_share():
+    plain = StepNoise.draw(torch.Generator().manual_seed(3), 8, (4, 4, 4), 1000)
+    masked = StepNoise.draw(torch.Generator().manual_seed(3), 8, (4, 4, 4), 1000, masked_attention_share=0.5)
+    assert plain.mask_attention is None
+    for name in ("timesteps", "noise", "latent_noise", "drop_conditioning", "drop_image"):
+        assert torch.equal(getattr(plain, name), getattr(masked, name)), name
+    many = StepNoise.draw(torch.Generator().manual_seed(0), 100_000, (1, 1, 1), 1000, masked_attention_share=0.3)
+    assert float(many.mask_attention.float().mean()) == pytest.approx(0.3, abs=0.005)
+    every = StepNoise.draw(torch.Generator().manual_seed(0), 64, (1, 1, 1), 1000, masked_attention_share=1.0)
+    assert bool(every.mask_attention.all())
+
+
+def test_masked_attention_reads_the_conditioning_only_inside_the_region(pairs, tiny_pipe):
+    """An item trained with its cross-attention masked (CAM as with a user's mask) attends to its conditioning
+    inside its region and to the null conditioning outside: with an empty region it is predicted exactly as with
+    its conditioning dropped, with a full one exactly as without the masking (tiny's UNet reads the conditioning
+    through cross-attention only)."""
+    objective, batch, inputs = objective_and_batch(pairs, tiny_pipe)
+    processors = {name: type(p) for name, p in tiny_pipe.unet.attn_processors.items()}
+    predictions = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, output: predictions.append(output[0]))
+    noise = StepNoise.draw(torch.Generator().manual_seed(0), 2, (4, 4, 4), 1000, dropout_rate=0.0)
+    masks = batch["mask"].clone()
+    masks[0] = 0  # item 0: an empty region
+    masks[1] = 1  # item 1: the whole image
+    try:
+        with torch.no_grad():
+            objective(inputs, batch["source_pixels"], batch["target_pixels"], noise)
+            noise.mask_attention = torch.tensor([True, True])
+            objective(inputs, batch["source_pixels"], batch["target_pixels"], noise, region_masks=masks)
+            noise.mask_attention = None
+            noise.drop_conditioning = torch.tensor([True, True])
+            objective(inputs, batch["source_pixels"], batch["target_pixels"], noise)
+    finally:
+        hook.remove()
+    plain, masked, dropped = predictions
+    assert torch.allclose(masked[0], dropped[0], atol=1e-5)
+    assert not torch.allclose(plain[0], dropped[0], atol=1e-4)
+    assert torch.allclose(masked[1], plain[1], atol=1e-5)
+    # The UNet's own processors are back after the step.
+    assert {name: type(p) for name, p in tiny_pipe.unet.attn_processors.items()} == processors
+
+
 def test_min_snr_weights_clamp_the_signal_to_noise_ratio_at_gamma():
     from diffusers import DDPMScheduler
 
@@ -387,6 +430,8 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
         train(config(pairs, tmp_path / "x", model_cache, train=("text_encoder",)))
     with pytest.raises(EditInputError, match="--region-loss-share"):
         train(config(pairs, tmp_path / "x", model_cache, region_loss_share=1.0))
+    with pytest.raises(EditInputError, match="--masked-attention-share"):
+        train(config(pairs, tmp_path / "x", model_cache, masked_attention_share=1.5))
     with pytest.raises(EditInputError, match="--null-target"):
         train(config(pairs, tmp_path / "x", model_cache, null_target="nothing"))
     with pytest.raises(EditInputError, match="--snr-gamma"):
@@ -552,3 +597,21 @@ def test_a_run_reads_the_repeated_rows_as_often_as_asked(pairs, model_cache, tmp
     # The command line takes the same rules and refuses a malformed one before loading anything.
     assert main(["train", "--data", str(pairs), "--output-dir", str(tmp_path / "bad"), "--repeat-rows", "kind"]) == 2
     assert "COLUMN=VALUE:TIMES" in capsys.readouterr().err
+
+
+def test_the_command_masks_the_attention_of_the_share_it_is_given(pairs, model_cache, tmp_path, monkeypatch):
+    from xmgie.training import objective as objective_module
+
+    masked_steps: list[int] = []
+    original = objective_module.install_edit_processors
+    monkeypatch.setattr(
+        objective_module,
+        "install_edit_processors",
+        lambda unet, control: masked_steps.append(control.batch_size) or original(unet, control),
+    )
+    common = ["train", "--data", str(pairs), "--cache-dir", str(model_cache), "--model", "tiny", "--no-progress"]
+    common += ["--resolution", str(RESOLUTION), "--batch-size", "2", "--max-steps", "3"]
+    assert main([*common, "--output-dir", str(tmp_path / "never")]) == 0
+    assert masked_steps == []
+    assert main([*common, "--output-dir", str(tmp_path / "always"), "--masked-attention-share", "1"]) == 0
+    assert masked_steps == [2, 2, 2]

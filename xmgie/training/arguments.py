@@ -62,6 +62,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         "squares)",
     )
     train.add_argument(
+        "--masked-attention-share",
+        type=float,
+        default=0.0,
+        help="share of the items whose cross-attention to the conditioning is masked to their region (mask_file) "
+        "during training, as CAM masks it at inference with a user's mask (0: never)",
+    )
+    train.add_argument(
         "--snr-gamma",
         type=float,
         default=0.0,
@@ -143,6 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         cache_latents=args.cache_latents,
         region_loss_share=args.region_loss_share,
+        masked_attention_share=args.masked_attention_share,
         snr_gamma=args.snr_gamma,
         null_target=args.null_target,
         ema_decay=args.ema_decay,

@@ -9,10 +9,15 @@
   input, as InstructPix2Pix trains. Conditioning dropout (InstructPix2Pix's): for 5 % of the items the
   conditioning becomes the null conditioning, for 5 % the source latent becomes zeros, for 5 % both —
   the three branches of the three-way guidance at inference.
+- **Masked attention** (optional, not MGIE's): with ``mask_attention`` drawn for some items, their image positions
+  attend to the conditioning only inside their region and to the null conditioning outside it — CAM as the
+  pipeline applies it with a user's mask — so the UNet learns to put an edit where its conditioning is read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
+from xmgie.editing.masks import mask_pyramid
 from xmgie.editing.mllm import (
     IMG_TOKENS,
     MAX_NEW_TOKENS,
@@ -174,6 +181,8 @@ class StepNoise:
     latent_noise: torch.Tensor
     drop_conditioning: torch.Tensor
     drop_image: torch.Tensor
+    mask_attention: torch.Tensor | None = None
+    """(B,) bool: items whose cross-attention to the conditioning is masked to their region (CAM) this step."""
 
     @classmethod
     def draw(
@@ -183,13 +192,19 @@ class StepNoise:
         latent_shape: tuple[int, int, int],
         num_train_timesteps: int,
         dropout_rate: float = CONDITIONING_DROPOUT,
+        masked_attention_share: float = 0.0,
     ) -> StepNoise:
-        """Timesteps, the diffusion noise, the target latent's sampling noise and the dropout decisions."""
+        """Timesteps, the diffusion noise, the target latent's sampling noise, the dropout decisions and, with a
+        ``masked_attention_share`` above 0, which items train with their cross-attention masked to their region
+        (drawn last, so the other draws do not depend on it)."""
         timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
         noise = torch.randn((batch_size, *latent_shape), generator=generator)
         latent_noise = torch.randn((batch_size, *latent_shape), generator=generator)
         drop_conditioning, drop_image = draw_conditioning_dropout(batch_size, generator, dropout_rate)
-        return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image)
+        mask_attention = None
+        if masked_attention_share > 0:
+            mask_attention = torch.rand(batch_size, generator=generator) < masked_attention_share
+        return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image, mask_attention)
 
 
 @dataclass
@@ -298,7 +313,9 @@ class MGIEObjective(nn.Module):
         ``cached`` are the batch's VAE encodings when they were computed before training; the pixels are then
         not encoded again. With ``region_masks`` (B, 1, H, W) and a ``region_loss_share`` above 0, the edit loss
         is weighted per pixel by :func:`region_loss_weights`. With ``snr_gamma`` above 0 each item's edit loss is
-        weighted by :func:`min_snr_weights` of its timestep.
+        weighted by :func:`min_snr_weights` of its timestep. The items of ``noise.mask_attention`` read their
+        conditioning only inside their ``region_masks`` (hard, at every attention resolution), the null conditioning
+        outside: the UNet then learns to draw an edit where CAM lets it read the conditioning at inference.
 
         ``null_target`` ``source`` makes the items that lose only their conditioning denoise the source's latent
         instead of the target's: the null branch ``ε(image, ∅)`` then learns "no edit" rather than InstructPix2Pix's
@@ -350,9 +367,10 @@ class MGIEObjective(nn.Module):
         epsilon = noise.noise.to(device, latents.dtype)
         noisy = self.noise_scheduler.add_noise(latents, epsilon, timesteps)
         model_input = torch.cat([noisy, source_latents], dim=1).to(self.unet.dtype)
-        prediction = self.unet(
-            model_input, timesteps, encoder_hidden_states=conditioning.to(self.unet.dtype), return_dict=False
-        )[0]
+        with self._masked_cross_attention(noise, region_masks, null, tuple(noisy.shape[-2:])):
+            prediction = self.unet(
+                model_input, timesteps, encoder_hidden_states=conditioning.to(self.unet.dtype), return_dict=False
+            )[0]
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, epsilon, timesteps)
         else:
@@ -366,3 +384,29 @@ class MGIEObjective(nn.Module):
             squared_error = squared_error * weights[:, None, None, None]
         edit_loss = squared_error.mean()
         return {"instruction_loss": instruction_loss, "edit_loss": edit_loss, "conditioning_spread": spread}
+
+    @contextmanager
+    def _masked_cross_attention(
+        self, noise: StepNoise, region_masks: torch.Tensor | None, null: torch.Tensor, latent_size: tuple[int, int]
+    ) -> Iterator[None]:
+        """CAM as the pipeline applies it with a user's mask, for the items of ``noise.mask_attention``: their
+        image positions attend to the conditioning inside their (hard) region and to the null conditioning
+        outside it. The other items' masks are full, which leaves their attention as it is."""
+        if noise.mask_attention is None or region_masks is None or not bool(noise.mask_attention.any()):
+            yield
+            return
+        device = null.device
+        chosen = noise.mask_attention.to(device)[:, None, None, None]
+        region = region_masks.to(device).float()
+        masks = torch.where(chosen, (region >= 0.5).float(), torch.ones_like(region))
+        control = CrossAttentionControl(batch_size=masks.shape[0], num_branches=1)
+        control.edit_masks = {
+            length: (mask >= 0.5).to(self.unet.dtype) for length, mask in mask_pyramid(masks, *latent_size).items()
+        }
+        control.null_conditioning = null.to(self.unet.dtype)
+        previous = self.unet.attn_processors
+        install_edit_processors(self.unet, control)
+        try:
+            yield
+        finally:
+            self.unet.set_attn_processor(previous)

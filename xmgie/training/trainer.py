@@ -89,6 +89,10 @@ class TrainingConfig:
     region_loss_share: float = 0.0
     """The least share of each item's edit loss its region (``mask_file``) carries (0: plain mean squares over
     the image); see :func:`xmgie.training.objective.region_loss_weights`."""
+    masked_attention_share: float = 0.0
+    """The share of items (drawn per step) whose cross-attention to the conditioning is masked to their region
+    (``mask_file``) as CAM masks it at inference with a user's mask; see
+    :meth:`xmgie.training.objective.MGIEObjective.forward`."""
     snr_gamma: float = 0.0
     """Min-SNR-γ weighting of the edit loss over timesteps (0: plain mean squares); see
     :func:`xmgie.training.objective.min_snr_weights`."""
@@ -126,6 +130,8 @@ class TrainingConfig:
             raise EditInputError("invalid_option", "--conditioning-dropout must be between 0 and 1/3")
         if not 0 <= self.region_loss_share < 1:
             raise EditInputError("invalid_option", "--region-loss-share must be at least 0 and below 1")
+        if not 0 <= self.masked_attention_share <= 1:
+            raise EditInputError("invalid_option", "--masked-attention-share must be between 0 and 1")
         if self.null_target not in NULL_TARGETS:
             raise EditInputError("invalid_option", f"--null-target must be one of {', '.join(NULL_TARGETS)}")
         if self.snr_gamma < 0:
@@ -380,6 +386,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
             latent_shape,
             noise_scheduler.config.num_train_timesteps,
             config.conditioning_dropout,
+            config.masked_attention_share,
         )
         mllm_inputs = build_teacher_forcing_batch(
             pipe.tokenizer,
