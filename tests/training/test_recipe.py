@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -129,6 +130,39 @@ def test_a_recipe_builds_trains_and_writes_a_model_that_edits(tmp_path, capsys):
     assert np.asarray(out.images[0]).shape == (32, 32, 3)
 
 
+def test_a_recipe_of_stages_trains_each_from_the_one_before_and_keeps_what_is_done(tmp_path):
+    stages = [
+        {"resolution": 32, "batch_size": 2, "max_steps": 2, "learning_rate": 1e-3},
+        {"max_steps": 3, "masked_attention_share": 1.0},
+    ]
+    recipe = write_recipe(tmp_path / "r.json", train=stages)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--output-dir", str(run), "--no-progress"]) == 0
+    first, last = run / "stages" / "1", run / "model"
+    assert len((first / "training_log.jsonl").read_text().splitlines()) == 2
+    assert len((last / "training_log.jsonl").read_text().splitlines()) == 3
+    assert set(json.loads((run / "timings.json").read_text())) == {
+        "synth",
+        "autoencoder",
+        "train_stage_1",
+        "train_stage_2",
+    }
+    # The second stage starts from the first one's model, with the first one's fields changed by its own.
+    second = json.loads((last / "training_config.json").read_text())
+    assert second["model"] == str(first) and second["output_dir"] == str(last)
+    assert (second["batch_size"], second["max_steps"], second["masked_attention_share"]) == (2, 3, 1.0)
+    assert json.loads((first / "training_config.json").read_text())["masked_attention_share"] == 0.0
+    staged = load_pipeline(first, cache_dir=tmp_path, device="cpu", dtype=torch.float32)
+    model = load_pipeline(last, cache_dir=tmp_path, device="cpu", dtype=torch.float32)
+    assert not torch.equal(model.unet.conv_in.weight, staged.unet.conv_in.weight)
+    # Run again without its last stage's output: the finished first stage is kept as it is.
+    written = (first / "training_log.jsonl").stat().st_mtime_ns
+    shutil.rmtree(last)
+    assert main(["train", "--recipe", str(recipe), "--output-dir", str(run), "--no-progress"]) == 0
+    assert (first / "training_log.jsonl").stat().st_mtime_ns == written
+    assert len((last / "training_log.jsonl").read_text().splitlines()) == 3
+
+
 def test_bad_recipes_are_refused_with_a_code(tmp_path, capsys):
     assert load_recipe("mini")["architecture"] == "mini"
     cases = {
@@ -143,6 +177,12 @@ def test_bad_recipes_are_refused_with_a_code(tmp_path, capsys):
         bad = write_recipe(tmp_path / "b.json", **{part: {field: 1}})
         with pytest.raises(EditInputError, match=f"{part}: unknown or fixed field"):
             load_recipe(bad)
+    with pytest.raises(EditInputError, match="train: unknown or fixed field"):
+        load_recipe(write_recipe(tmp_path / "c.json", train=[{"max_steps": 2}, {"epochs": 1}]))
+    for stages in ([], [{"max_steps": 2}, 3]):
+        with pytest.raises(EditInputError, match="list of stages") as refused:
+            load_recipe(write_recipe(tmp_path / "d.json", train=stages))
+        assert refused.value.code == "invalid_recipe"
     assert main(["train", "--recipe", "nosuch", "--output-dir", str(tmp_path / "out")]) == 2
     assert "recipe_not_found" in capsys.readouterr().err
     assert main(["train", "--output-dir", str(tmp_path / "out")]) == 2

@@ -5,13 +5,16 @@ A recipe is a JSON file (the bundled ones live in ``xmgie/training/recipes/``) w
 - ``architecture``: the builder of the untrained model (``mini``: :func:`xmgie.loading.mini.build_mini_pipeline`);
 - ``synth``: the arguments of :func:`xmgie.training.synth.write_synthetic_dataset` (the paired data);
 - ``autoencoder``: an :class:`~xmgie.training.autoencoder.AutoencoderConfig` (omit it to keep the VAE as built);
-- ``train``: the fields of :class:`~xmgie.training.trainer.TrainingConfig` for MGIE's objective.
+- ``train``: the fields of :class:`~xmgie.training.trainer.TrainingConfig` for MGIE's objective, or a list of
+  such objects: stages of the objective run in turn, each from the model the one before wrote, with the fields
+  of the stage before changed by its own (:func:`train_stages`) — a curriculum, e.g. global edits first and then
+  local ones with masked attention.
 
 Output under ``OUTPUT/``: ``data/`` (``train/`` and ``test/``), ``init/`` (the built model with its trained
-VAE), ``model/`` (the trained model directory, with its checkpoints and ``training_log.jsonl``),
-``autoencoder_log.jsonl``, ``recipe.json`` (the recipe as run) and ``timings.json`` (seconds per stage).
-A stage whose output is already there is not redone, so a run stopped during MGIE's objective continues
-with ``--resume latest``.
+VAE), ``model/`` (the trained model directory, with its checkpoints and ``training_log.jsonl``; with several
+stages the last one's, the earlier ones under ``stages/N/``), ``autoencoder_log.jsonl``, ``recipe.json`` (the
+recipe as run) and ``timings.json`` (seconds per stage). A stage whose output is already there is not redone,
+so a run stopped during MGIE's objective continues with ``--resume latest``.
 """
 
 from __future__ import annotations
@@ -60,17 +63,33 @@ def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
     from xmgie.training.autoencoder import AutoencoderConfig
     from xmgie.training.trainer import TrainingConfig
 
-    for part, cls, fixed in (
-        ("autoencoder", AutoencoderConfig, set()),
-        ("train", TrainingConfig, {"data", "output_dir", "model", "cache_dir", "resume"}),
+    train = data.get("train")
+    train = {} if train is None else train
+    if isinstance(train, list) and (not train or not all(isinstance(stage, dict) for stage in train)):
+        raise EditInputError("invalid_recipe", f"{path}: train: a list of stages holds one or more JSON objects")
+    stages = train if isinstance(train, list) else [train]
+    for part, cls, fixed, values in (
+        ("autoencoder", AutoencoderConfig, set(), [data.get("autoencoder") or {}]),
+        ("train", TrainingConfig, {"data", "output_dir", "model", "cache_dir", "resume"}, stages),
     ):
         allowed = {f.name for f in fields(cls)} - fixed
-        bad = sorted(set(data.get(part) or {}) - allowed)
-        if bad:
-            raise EditInputError("invalid_recipe", f"{path}: {part}: unknown or fixed field(s) {bad}")
+        for value in values:
+            bad = sorted(set(value) - allowed)
+            if bad:
+                raise EditInputError("invalid_recipe", f"{path}: {part}: unknown or fixed field(s) {bad}")
     if "synth" not in data or "count" not in data["synth"]:
         raise EditInputError("invalid_recipe", f"{path}: synth.count is required")
     return data
+
+
+def train_stages(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The objective's stages of a checked recipe, each with every field it runs with: a stage's own fields
+    over those of the stage before (one stage when ``train`` is an object)."""
+    train = spec.get("train") or {}
+    stages: list[dict[str, Any]] = []
+    for stage in train if isinstance(train, list) else [train]:
+        stages.append({**(stages[-1] if stages else {}), **stage})
+    return stages
 
 
 def run_recipe(
@@ -114,7 +133,9 @@ def run_recipe(
         pipe = _architectures()[spec["architecture"]]()
         if spec.get("autoencoder"):
             config = AutoencoderConfig(**spec["autoencoder"], progress=progress)
-            resolution = spec["train"].get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            resolution = (
+                train_stages(spec)[0].get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            )
             with torch.random.fork_rng(devices=[]):
                 train_autoencoder(pipe.vae, data / "train", resolution, config, log=output / "autoencoder_log.jsonl")
         staging = output / ".init.staging"
@@ -123,17 +144,29 @@ def run_recipe(
         staging.rename(init)
         record("autoencoder", started)
 
-    # 3. MGIE's objective
-    started = time.perf_counter()
+    # 3. MGIE's objective, stage by stage; a finished earlier stage (its model directory written) is not redone
+    stages = train_stages(spec)
     model = output / "model"
-    config = TrainingConfig(
-        **spec["train"],
-        data=str(data / "train"),
-        output_dir=str(model),
-        model=str(init),
-        resume=resume,
-        progress=progress,
-    )
-    train(config, on_step=on_step)
-    record("train" if resume is None else f"train_resumed_{int(time.time())}", started)
+    source = init
+    for number, stage in enumerate(stages, start=1):
+        last = number == len(stages)
+        stage_dir = model if last else output / "stages" / str(number)
+        name = "train" if len(stages) == 1 else f"train_stage_{number}"
+        if not last and (stage_dir / "model_index.json").is_file():
+            source = stage_dir
+            continue
+        started = time.perf_counter()
+        config = TrainingConfig(
+            **stage,
+            data=str(data / "train"),
+            output_dir=str(stage_dir),
+            model=str(source),
+            # A resumed run continues the stage it stopped in; a later stage it had not reached starts afresh.
+            resume=resume,
+            progress=progress,
+        )
+        train(config, on_step=on_step)
+        record(name if resume is None else f"{name}_resumed_{int(time.time())}", started)
+        source = stage_dir
+        resume = None
     return model
