@@ -2,12 +2,15 @@
 
     python benchmarks/bench_train.py --model tiny --resolution 64 --batch-size 4 --steps 20 --threads 1
     python benchmarks/bench_train.py --model mini --batch-size 8 --steps 30 --cache-latents both
+    python benchmarks/bench_train.py --model mini --batch-size 8 --steps 30 --cache-latents on --shape-options both
 
 Writes a synthetic dataset and a trained model under a temporary folder, trains ``--steps`` steps and
 prints the median and mean seconds per step (the first step, which warms up, is left out), the process
 CPU seconds per step, and the losses of the first and last steps. ``--cache-latents both`` trains
 without and with the latent cache, alternating ``--rounds`` times, and prints the ratio of their median
-seconds per step (same process, same data, same seed).
+seconds per step (same process, same data, same seed). ``--shape-options both`` does the same without and
+with the ``mini`` recipe's options for shape edits (:data:`SHAPE_OPTIONS`: masked attention, the region's
+share of the loss, shape rows read three times).
 """
 
 from __future__ import annotations
@@ -20,8 +23,18 @@ from pathlib import Path
 
 import torch
 
+from xmgie.training.recipe import load_recipe
 from xmgie.training.synth import write_synthetic_dataset
 from xmgie.training.trainer import DEFAULT_TRAIN, TrainingConfig, train
+
+SHAPE_OPTIONS = ("masked_attention_share", "region_loss_share", "repeat_rows")
+"""The fields of the ``mini`` recipe's objective that ``--shape-options on`` takes over."""
+
+
+def shape_options() -> dict:
+    """The ``mini`` recipe's values of :data:`SHAPE_OPTIONS` (lists as tuples, as the config holds them)."""
+    train_fields = load_recipe("mini")["train"]
+    return {name: tuple(v) if isinstance(v := train_fields[name], list) else v for name in SHAPE_OPTIONS}
 
 
 def main() -> None:
@@ -35,17 +48,25 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--cache-latents", choices=["off", "on", "both"], default="off")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of off and on with --cache-latents both")
+    parser.add_argument(
+        "--shape-options", choices=["off", "on", "both"], default="off", help="the mini recipe's options for shapes"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of off and on with a 'both'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cache_latents == "both" and args.shape_options == "both":
+        parser.error("compare one thing at a time: --cache-latents both or --shape-options both")
 
-    modes = {"off": [False], "on": [True], "both": [False, True] * args.rounds}[args.cache_latents]
+    choices = {"off": [False], "on": [True], "both": [False, True] * args.rounds}
+    caches, shapes = choices[args.cache_latents], choices[args.shape_options]
+    modes = [(cache, shape) for cache in caches for shape in shapes]
+    compared = 0 if args.cache_latents == "both" else 1
     medians: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         data = Path(folder) / "synth"
         write_synthetic_dataset(data, max(16, 2 * args.batch_size), seed=0, size=args.resolution)
-        for run, cache in enumerate(modes):
+        for run, (cache, shape) in enumerate(modes):
             stamps: list[tuple[float, float]] = []
             config = TrainingConfig(
                 data=str(data / "train"),
@@ -59,6 +80,7 @@ def main() -> None:
                 precision=args.precision,
                 cache_latents=cache,
                 progress=False,
+                **(shape_options() if shape else {}),
             )
             result = train(
                 config,
@@ -66,11 +88,11 @@ def main() -> None:
             )
             walls = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)]
             cpus = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
-            medians[cache].append(statistics.median(walls))
+            medians[(cache, shape)[compared]].append(statistics.median(walls))
             first, last = result.history[0], result.history[-1]
             print(
                 f"model {args.model}, {args.resolution}px, batch {args.batch_size}, train {args.train}, "
-                f"{args.precision}, latent cache {'on' if cache else 'off'}"
+                f"{args.precision}, latent cache {'on' if cache else 'off'}, shape options {'on' if shape else 'off'}"
             )
             print(f"  seconds per step: median {statistics.median(walls):.3f}, mean {statistics.mean(walls):.3f}")
             print(f"  CPU seconds per step (this process): {statistics.mean(cpus):.3f}")
@@ -80,7 +102,8 @@ def main() -> None:
             )
     if medians[False] and medians[True]:
         ratio = statistics.median(medians[True]) / statistics.median(medians[False])
-        print(f"seconds per step, cached / uncached = {ratio:.2f}")
+        names = ("cached / uncached", "with / without shape options")[compared]
+        print(f"seconds per step, {names} = {ratio:.2f}")
 
 
 if __name__ == "__main__":
