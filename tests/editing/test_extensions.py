@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tests.conftest import gradient_image
-from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
+from xmgie.editing.attention import CrossAttentionControl, edit_processors_installed
 from xmgie.editing.blur import DEFAULT_SIGMA_MAX, resize_mask
 from xmgie.editing.images import mask_to_tensor
 from xmgie.editing.masks import estimate_edit_masks, mask_pyramid, threshold_difference_map
@@ -228,12 +228,8 @@ def conditioning_confined_to(pipe, known: torch.Tensor, draws: int = DRAWS):
     control = CrossAttentionControl(
         batch_size=draws, num_branches=2, edit_masks=mask_pyramid(known.repeat(draws, 1, 1, 1), *known.shape[-2:])
     )
-    previous = pipe.unet.attn_processors
-    install_edit_processors(pipe.unet, control)
-    try:
+    with edit_processors_installed(pipe.unet, control):
         yield
-    finally:
-        pipe.unet.set_attn_processor(previous)
 
 
 def known_latent_box(latents: torch.Tensor) -> torch.Tensor:

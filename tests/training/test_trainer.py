@@ -600,12 +600,12 @@ def test_a_run_reads_the_repeated_rows_as_often_as_asked(pairs, model_cache, tmp
 
 
 def test_the_command_masks_the_attention_of_the_share_it_is_given(pairs, model_cache, tmp_path, monkeypatch):
-    from xmgie.training import objective as objective_module
+    from xmgie.editing import attention as attention_module
 
     masked_steps: list[int] = []
-    original = objective_module.install_edit_processors
+    original = attention_module.install_edit_processors
     monkeypatch.setattr(
-        objective_module,
+        attention_module,
         "install_edit_processors",
         lambda unet, control: masked_steps.append(control.batch_size) or original(unet, control),
     )

@@ -17,6 +17,7 @@ through ``cross_attention_kwargs``. The UNet batch is laid out in branches of ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -235,17 +236,24 @@ def text_cross_attention_masking(
     if token_ranges:
         control.token_ranges = list(token_ranges)
         control.token_masks = mask_pyramid((masks >= 0.5).float(), *latent_size)
-    previous = pipe.unet.attn_processors
-    install_edit_processors(pipe.unet, control)
-    try:
+    with edit_processors_installed(pipe.unet, control):
         yield control
-    finally:
-        pipe.unet.set_attn_processor(previous)
 
 
 def cross_attention_names(unet) -> list[str]:
     """Processor names of the UNet's cross-attention (``attn2``) layers, in the UNet's order."""
     return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+@contextmanager
+def edit_processors_installed(unet, control: CrossAttentionControl) -> Iterator[None]:
+    """The UNet with :func:`install_edit_processors` inside the block and its own processors back after it."""
+    previous = unet.attn_processors
+    install_edit_processors(unet, control)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(previous)
 
 
 def install_edit_processors(unet, control: CrossAttentionControl) -> None:

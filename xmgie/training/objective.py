@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from xmgie.editing.attention import CrossAttentionControl, install_edit_processors
+from xmgie.editing.attention import CrossAttentionControl, edit_processors_installed
 from xmgie.editing.masks import mask_pyramid
 from xmgie.editing.mllm import (
     IMG_TOKENS,
@@ -404,9 +404,5 @@ class MGIEObjective(nn.Module):
             length: (mask >= 0.5).to(self.unet.dtype) for length, mask in mask_pyramid(masks, *latent_size).items()
         }
         control.null_conditioning = null.to(self.unet.dtype)
-        previous = self.unet.attn_processors
-        install_edit_processors(self.unet, control)
-        try:
+        with edit_processors_installed(self.unet, control):
             yield
-        finally:
-            self.unet.set_attn_processor(previous)
