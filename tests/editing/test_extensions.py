@@ -535,6 +535,52 @@ def test_cam_without_guidance_gives_the_outside_the_null_conditioning(tiny_pipe,
     assert not torch.allclose(edit, null, atol=1e-3)
 
 
+def test_cam_attends_to_the_null_conditioning_only_for_rows_whose_mask_is_not_full(tiny_pipe, conditioning):
+    # A batch that masks some items and not others (a training batch with masked attention): rows with a full
+    # mask skip the null conditioning's projections and attention, and come out as when every row computes it.
+    image, latents, prompt, negative = conditioning
+    unet, rows, size = tiny_pipe.unet, 3, latents.shape[-2:]
+    noisy = torch.randn(rows, *latents.shape[1:], generator=torch.Generator().manual_seed(2))
+    model_input = torch.cat([noisy, latents.repeat(rows, 1, 1, 1)], dim=1)
+    masks = torch.ones(rows, 1, *size)
+    masks[0, :, : size[0] // 2] = 0  # a region: the top half is outside
+    masks[2] = 0  # an empty region: the null conditioning everywhere
+    layers = [module for name, module in unet.named_modules() if name.endswith("attn2")]
+
+    def call(capture: bool):
+        control = CrossAttentionControl(batch_size=rows, num_branches=1, capture=capture)
+        control.edit_masks = mask_pyramid(masks, *size)
+        control.null_conditioning = negative.repeat(rows, 1, 1)
+        projected: list[int] = []
+        hooks = [
+            layer.to_k.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[0]))
+            for layer in layers
+        ]
+        try:
+            with torch.no_grad(), edit_processors_installed(unet, control):
+                out = unet(model_input, torch.full((rows,), 500), prompt.repeat(rows, 1, 1), return_dict=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out, projected
+
+    skipping, skipping_rows = call(capture=False)
+    every, every_rows = call(capture=True)  # captured attention needs every row's null branch
+    torch.testing.assert_close(skipping, every, rtol=0, atol=1e-6)
+    # Per layer: the conditioning's keys for the 3 rows, then the null conditioning's for the masked rows only.
+    assert skipping_rows == [rows, 2] * len(layers)
+    assert every_rows == [rows, rows] * len(layers)
+    full = torch.ones(rows, 1, *size)
+    control = CrossAttentionControl(batch_size=rows, num_branches=1, null_conditioning=negative.repeat(rows, 1, 1))
+    control.edit_masks = mask_pyramid(full, *size)
+    with torch.no_grad(), edit_processors_installed(unet, control):
+        unmasked = unet(model_input, torch.full((rows,), 500), prompt.repeat(rows, 1, 1), return_dict=False)[0]
+    with torch.no_grad():
+        plain = unet(model_input, torch.full((rows,), 500), prompt.repeat(rows, 1, 1), return_dict=False)[0]
+    torch.testing.assert_close(unmasked, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(skipping[1], unmasked[1], rtol=0, atol=1e-6)
+
+
 def test_latents_stay_float32_between_steps_with_a_bfloat16_unet(tiny_pipe, conditioning):
     image, latents, prompt, negative = conditioning
     bf16 = XMGIEPipeline(**{**tiny_pipe.components, "unet": copy.deepcopy(tiny_pipe.unet).to(torch.bfloat16)})

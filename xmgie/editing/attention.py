@@ -34,7 +34,8 @@ class CrossAttentionControl:
         batch_size: items in the call.
         num_branches: guidance branches before the reference branch (3 with guidance, else 1).
         edit_masks: per sequence length ``h·w``, the (B, h·w) edit mask at that resolution (CAM); ``None``
-            disables CAM.
+            disables CAM. A row whose mask is 1 everywhere reads its conditioning as without CAM, and the null
+            conditioning's attention is not computed for it (unless ``capture``).
         null_conditioning: (B, tokens, dim) the null conditioning that CAM falls back to outside the mask when
             there is a single branch (no classifier-free guidance, so no branch of the batch carries it).
         identity_adapter: the adapter with per-layer identity projections; ``None`` disables IE.
@@ -60,6 +61,19 @@ class CrossAttentionControl:
     capture: bool = False
     records: dict[str, list[AttentionRecord]] = field(default_factory=dict)
     _identity_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _masked_rows_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def masked_rows(self, length: int) -> torch.Tensor | None:
+        """The rows whose edit mask at ``length`` is below 1 somewhere, or ``None`` when every row's is.
+
+        Decided once per mask tensor (not per layer and step, which would wait on the device each time)."""
+        mask = self.edit_masks[length]
+        cached = self._masked_rows_cache.get(length)
+        if cached is None or cached[0] is not mask:
+            partial = (mask < 1).any(dim=1)
+            rows = None if bool(partial.all()) else torch.nonzero(partial).squeeze(1)
+            cached = self._masked_rows_cache[length] = (mask, rows)
+        return cached[1]
 
     def identity_key_value(self, name: str, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The identity keys and values of layer ``name`` for the first ``rows`` rows, projected once per call.
@@ -157,22 +171,16 @@ class EditCrossAttnProcessor:
         mask = None
         if control.edit_masks is not None:
             mask = control.edit_masks[length].to(query.device, query.dtype)
-            # Rows of the image branch hold the null conditioning that the edit branch's rows fall back to.
-            q_edit = query[:rows]
-            if control.num_branches > 1:
-                null_key, null_value = key[rows : 2 * rows], value[rows : 2 * rows]
-            elif control.null_conditioning is not None:
-                null = control.null_conditioning.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
-                null_key, null_value = _heads(attn, attn.to_k(null)), _heads(attn, attn.to_v(null))
-            else:
-                raise ValueError(f"{self.name}: CAM with a single branch needs control.null_conditioning")
-            null_out = F.scaled_dot_product_attention(q_edit, null_key, null_value)
-            weight = mask[:, None, :, None]
-            out = torch.cat([weight * out[:rows] + (1 - weight) * null_out, out[rows:]])
+            # Only rows whose mask is below 1 somewhere fall back to the null conditioning; a full mask weighs
+            # the null branch 0 (a training batch masks some items and leaves the others' masks full).
+            masked = None if control.capture else control.masked_rows(length)
+            if masked is None or len(masked):
+                out = self._blend_null(attn, control, query, key, value, encoder_hidden_states, out, mask, masked)
             if control.capture:
                 if edit_probability is None:
-                    edit_probability = torch.softmax((q_edit @ key[:rows].transpose(-1, -2)) * attn.scale, dim=-1)
-                record_probability = weight * edit_probability
+                    logits = (query[:rows] @ key[:rows].transpose(-1, -2)) * attn.scale
+                    edit_probability = torch.softmax(logits, dim=-1)
+                record_probability = mask[:, None, :, None] * edit_probability
 
         identity_output = None
         if control.identity_adapter is not None and control.identity_scale != 0.0:
@@ -207,6 +215,30 @@ class EditCrossAttnProcessor:
                 )
             )
         return out
+
+    def _blend_null(self, attn, control, query, key, value, encoder_hidden_states, out, mask, masked):
+        """CAM's blend of the edit rows' attention with their attention to the null conditioning, weighted by
+        ``mask``; with ``masked`` (indices of edit rows), only those rows are computed and blended."""
+        rows = control.batch_size
+        # Rows of the image branch hold the null conditioning that the edit branch's rows fall back to.
+        if control.num_branches > 1:
+            null_key, null_value = key[rows : 2 * rows], value[rows : 2 * rows]
+            if masked is not None:
+                null_key, null_value = null_key[masked], null_value[masked]
+        elif control.null_conditioning is not None:
+            null = control.null_conditioning.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+            if masked is not None:
+                null = null[masked]
+            null_key, null_value = _heads(attn, attn.to_k(null)), _heads(attn, attn.to_v(null))
+        else:
+            raise ValueError(f"{self.name}: CAM with a single branch needs control.null_conditioning")
+        if masked is None:
+            null_out = F.scaled_dot_product_attention(query[:rows], null_key, null_value)
+            weight = mask[:, None, :, None]
+            return torch.cat([weight * out[:rows] + (1 - weight) * null_out, out[rows:]])
+        null_out = F.scaled_dot_product_attention(query[masked], null_key, null_value)
+        weight = mask[masked][:, None, :, None]
+        return out.index_copy(0, masked, weight * out[masked] + (1 - weight) * null_out)
 
 
 @contextmanager
