@@ -21,6 +21,7 @@ from xmgie.quality import (
     names_kind,
     read_paired_metadata,
     same_expressive,
+    tone_gain,
 )
 from xmgie.training.synth import KINDS, write_synthetic_dataset
 
@@ -49,6 +50,30 @@ def test_output_equal_to_the_target_scores_zero_and_the_source_one() -> None:
     assert untouched["l1_ratio"] == pytest.approx(1.0)
     assert untouched["l1_inside"] == pytest.approx(untouched["source_l1_inside"])
     assert untouched["psnr_inside"] < 30
+
+
+def test_tone_gain_tells_an_overshoot_from_a_short_edit_and_from_the_wrong_way() -> None:
+    # A darker target (every pixel × 0.7): its channel means and spreads all fall by 30 %.
+    source = np.random.default_rng(1).uniform(0.2, 0.8, size=(500, 3))
+    target = source * 0.7
+    assert tone_gain(source, target, target) == pytest.approx(1.0)
+    assert tone_gain(source, target, source) == pytest.approx(0.0)
+    assert tone_gain(source, target, source * 0.85) == pytest.approx(0.5)  # half the change
+    assert tone_gain(source, target, source * 0.4) == pytest.approx(2.0)  # twice as dark: too far
+    assert tone_gain(source, target, source * 1.3) == pytest.approx(-1.0)  # brighter: the wrong way
+    # A change of spread alone (more contrast about the mean) is measured too; no change gives no gain.
+    stretched = source.mean(axis=0) + 1.5 * (source - source.mean(axis=0))
+    assert tone_gain(source, stretched, source.mean(axis=0) + 0.5 * (source - source.mean(axis=0))) == pytest.approx(
+        -1.0
+    )
+    assert tone_gain(source, source.copy(), target) is None
+    as_images = item_scores(
+        np.clip(source.reshape(25, 20, 3), 0, 1),
+        np.clip(target.reshape(25, 20, 3), 0, 1),
+        source.reshape(25, 20, 3),
+        np.ones((25, 20), dtype=bool),
+    )
+    assert as_images["tone_gain"] == pytest.approx(0.0, abs=0.02)
 
 
 def test_a_far_change_lowers_far_outside_equal_and_a_near_one_does_not() -> None:

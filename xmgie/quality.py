@@ -16,6 +16,12 @@ and the true edit region (white = edited). Against them an output is scored by
 ``far_outside_equal``
     the share of pixels farther than ``far_px`` pixels from the region whose output equals the
     source exactly (all three channels): GB's composite keeps them bit for bit.
+``tone_gain``
+    how much of the target's change of colour statistics the output makes, inside the region: the change of
+    the three channels' means and standard deviations from the source's, of the output projected on the
+    target's, over the target's (1: as much as the target; between 0 and 1: the right way, short of it; above
+    1: too far; below 0: the wrong way). It tells an edit that overshoots from one that does another edit,
+    which an L1 distance does not; ``None`` where the target hardly changes those statistics.
 ``mask_iou``
     IoU of an estimated mask (thresholded at 0.5) with the true region.
 ``scope_correct`` / ``names_kind``
@@ -67,6 +73,7 @@ __all__ = [
     "names_kind",
     "read_paired_metadata",
     "same_expressive",
+    "tone_gain",
 ]
 
 PSNR_CAP = 100.0
@@ -111,11 +118,16 @@ SCORE_NAMES = (
     "psnr_inside",
     "psnr_outside",
     "far_outside_equal",
+    "tone_gain",
     "mask_iou",
     "scope_correct",
     "names_kind",
     "expressive_exact",
 )
+
+TONE_CHANGE_MIN = 0.01
+"""The smallest change of a target's colour statistics (root of the sum of squares, pixels in [0, 1]) for which
+``tone_gain`` is computed."""
 
 ArrayLike = np.ndarray | Image.Image | str | os.PathLike
 
@@ -289,11 +301,30 @@ def item_scores(
         "psnr_inside": _psnr(out[inside], tgt[inside]),
         "psnr_outside": _psnr(out[outside], src[outside]),
         "far_outside_equal": far_equal,
+        "tone_gain": tone_gain(src[inside], tgt[inside], out[inside]) if inside.any() else None,
         "mask_iou": iou,
         "scope_correct": scope_correct,
         "names_kind": names_kind(expressive, kind),
         "expressive_exact": same_expressive(expressive, reference_expressive),
     }
+
+
+def _tone(pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([pixels.mean(axis=0), pixels.std(axis=0)])
+
+
+def tone_gain(source: np.ndarray, target: np.ndarray, output: np.ndarray) -> float | None:
+    """How much of the target's change of colour statistics the output makes (``tone_gain`` above).
+
+    The arguments are (N, 3) pixels in [0, 1] of the same region; ``None`` where the target changes the six
+    statistics (channel means and standard deviations) by less than :data:`TONE_CHANGE_MIN`.
+    """
+    start = _tone(source)
+    wanted = _tone(target) - start
+    size = float(np.dot(wanted, wanted))
+    if math.sqrt(size) < TONE_CHANGE_MIN:
+        return None
+    return float(np.dot(_tone(output) - start, wanted) / size)
 
 
 def autoencoder_round_trip(pipe: Any, image: ArrayLike, source: ArrayLike | None = None) -> np.ndarray:
@@ -467,6 +498,7 @@ TABLE_COLUMNS = (
     "psnr_inside",
     "psnr_outside",
     "far_outside_equal",
+    "tone_gain",
     "mask_iou",
     "scope_accuracy",
     "names_kind_share",
