@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytest
@@ -547,36 +547,34 @@ def test_cam_attends_to_the_null_conditioning_only_for_rows_whose_mask_is_not_fu
     masks[2] = 0  # an empty region: the null conditioning everywhere
     layers = [module for name, module in unet.named_modules() if name.endswith("attn2")]
 
-    def call(capture: bool):
-        control = CrossAttentionControl(batch_size=rows, num_branches=1, capture=capture)
-        control.edit_masks = mask_pyramid(masks, *size)
-        control.null_conditioning = negative.repeat(rows, 1, 1)
+    def forward(control: CrossAttentionControl | None) -> tuple[torch.Tensor, list[int]]:
         projected: list[int] = []
         hooks = [
             layer.to_k.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[0]))
             for layer in layers
         ]
         try:
-            with torch.no_grad(), edit_processors_installed(unet, control):
+            with torch.no_grad(), edit_processors_installed(unet, control) if control else nullcontext():
                 out = unet(model_input, torch.full((rows,), 500), prompt.repeat(rows, 1, 1), return_dict=False)[0]
         finally:
             for hook in hooks:
                 hook.remove()
         return out, projected
 
-    skipping, skipping_rows = call(capture=False)
-    every, every_rows = call(capture=True)  # captured attention needs every row's null branch
+    def cam(edit_masks: torch.Tensor, capture: bool = False) -> CrossAttentionControl:
+        control = CrossAttentionControl(batch_size=rows, num_branches=1, capture=capture)
+        control.edit_masks = mask_pyramid(edit_masks, *size)
+        control.null_conditioning = negative.repeat(rows, 1, 1)
+        return control
+
+    skipping, skipping_rows = forward(cam(masks))
+    every, every_rows = forward(cam(masks, capture=True))  # captured attention needs every row's null branch
     torch.testing.assert_close(skipping, every, rtol=0, atol=1e-6)
     # Per layer: the conditioning's keys for the 3 rows, then the null conditioning's for the masked rows only.
     assert skipping_rows == [rows, 2] * len(layers)
     assert every_rows == [rows, rows] * len(layers)
-    full = torch.ones(rows, 1, *size)
-    control = CrossAttentionControl(batch_size=rows, num_branches=1, null_conditioning=negative.repeat(rows, 1, 1))
-    control.edit_masks = mask_pyramid(full, *size)
-    with torch.no_grad(), edit_processors_installed(unet, control):
-        unmasked = unet(model_input, torch.full((rows,), 500), prompt.repeat(rows, 1, 1), return_dict=False)[0]
-    with torch.no_grad():
-        plain = unet(model_input, torch.full((rows,), 500), prompt.repeat(rows, 1, 1), return_dict=False)[0]
+    unmasked, _ = forward(cam(torch.ones(rows, 1, *size)))
+    plain, _ = forward(None)
     torch.testing.assert_close(unmasked, plain, rtol=0, atol=1e-5)
     torch.testing.assert_close(skipping[1], unmasked[1], rtol=0, atol=1e-6)
 

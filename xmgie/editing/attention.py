@@ -220,25 +220,22 @@ class EditCrossAttnProcessor:
         """CAM's blend of the edit rows' attention with their attention to the null conditioning, weighted by
         ``mask``; with ``masked`` (indices of edit rows), only those rows are computed and blended."""
         rows = control.batch_size
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor[:rows] if masked is None else tensor[masked]
+
         # Rows of the image branch hold the null conditioning that the edit branch's rows fall back to.
         if control.num_branches > 1:
-            null_key, null_value = key[rows : 2 * rows], value[rows : 2 * rows]
-            if masked is not None:
-                null_key, null_value = null_key[masked], null_value[masked]
+            null_key, null_value = pick(key[rows : 2 * rows]), pick(value[rows : 2 * rows])
         elif control.null_conditioning is not None:
-            null = control.null_conditioning.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
-            if masked is not None:
-                null = null[masked]
+            null = pick(control.null_conditioning.to(encoder_hidden_states.device, encoder_hidden_states.dtype))
             null_key, null_value = _heads(attn, attn.to_k(null)), _heads(attn, attn.to_v(null))
         else:
             raise ValueError(f"{self.name}: CAM with a single branch needs control.null_conditioning")
-        if masked is None:
-            null_out = F.scaled_dot_product_attention(query[:rows], null_key, null_value)
-            weight = mask[:, None, :, None]
-            return torch.cat([weight * out[:rows] + (1 - weight) * null_out, out[rows:]])
-        null_out = F.scaled_dot_product_attention(query[masked], null_key, null_value)
-        weight = mask[masked][:, None, :, None]
-        return out.index_copy(0, masked, weight * out[masked] + (1 - weight) * null_out)
+        null_out = F.scaled_dot_product_attention(pick(query), null_key, null_value)
+        weight = pick(mask)[:, None, :, None]
+        blended = weight * pick(out) + (1 - weight) * null_out
+        return torch.cat([blended, out[rows:]]) if masked is None else out.index_copy(0, masked, blended)
 
 
 @contextmanager
