@@ -21,6 +21,7 @@ from xmgie.training.synth import (
     LOCAL_PHRASINGS,
     PLACES,
     SHAPES,
+    jitter_colours,
     write_synthetic_dataset,
 )
 
@@ -142,3 +143,56 @@ def test_every_synth_answer_names_its_kind_and_can_be_generated_under_mgie_decod
                         assert first_banned_answer_token(prompt, answer) is None, (phrasing, parts)
                         checked += 1
     assert checked == 27 + 3 * 3 * 9 * 8 * 3
+
+
+def test_colour_jitter_turns_the_training_crops_colours_and_keeps_their_luma_crop_and_edit(tmp_path):
+    write_synthetic_dataset(tmp_path / "plain", 48, seed=2, size=32)
+    write_synthetic_dataset(tmp_path / "jittered", 48, seed=2, size=32, colour_jitter=0.5)
+    plain, jittered = tmp_path / "plain", tmp_path / "jittered"
+    # The test split keeps the photos' own colours, file for file.
+    for name in ["metadata.jsonl", *(row["source_file"] for row in rows(plain / "test"))]:
+        assert (plain / "test" / name).read_bytes() == (jittered / "test" / name).read_bytes()
+    before, after = rows(plain / "train"), rows(jittered / "train")
+    chosen = [row.get("colour_jitter", False) for row in after]
+    assert 0.3 < sum(chosen) / len(chosen) < 0.7
+    luma = np.array([0.299, 0.587, 0.114])
+    turned, luma_changes = [], []
+    for old, new, is_jittered in zip(before, after, chosen, strict=True):
+        # The crop, the edit and its words do not depend on the jitter.
+        for key in ("kind", "crop", "flip", "photo", "instruction", "expressive_instruction"):
+            assert old[key] == new[key], key
+        assert np.array_equal(pixels(plain / "train", old["mask_file"]), pixels(jittered / "train", new["mask_file"]))
+        source = pixels(jittered / "train", new["source_file"])
+        original = pixels(plain / "train", old["source_file"])
+        if not is_jittered:
+            assert np.array_equal(source, original)
+            continue
+        # Luma kept (up to rounding and the clipping of saturated colours), chroma turned.
+        luma_changes.append(np.abs(source @ luma - original @ luma).mean())
+        turned.append(np.abs(source.astype(int) - original.astype(int)).mean())
+        target = pixels(jittered / "train", new["target_file"])
+        if new["kind"] in GLOBAL_TRANSFORMS:
+            assert np.array_equal(target, GLOBAL_TRANSFORMS[new["kind"]](source)), new["kind"]
+        else:
+            changed = (source != target).any(axis=-1)
+            assert np.array_equal(changed, pixels(jittered / "train", new["mask_file"]) == 255), new["kind"]
+    assert np.median(luma_changes) < 2 and max(luma_changes) < 12
+    assert np.mean(turned) > 8
+
+
+def test_jitter_keeps_grey_grey_and_turns_a_colour_to_another_hue():
+    rng = np.random.default_rng(0)
+    grey = np.full((4, 4, 3), 120, dtype=np.uint8)
+    assert np.abs(jitter_colours(grey, rng).astype(int) - 120).max() <= 1
+    red = np.zeros((4, 4, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    hues = {tuple(jitter_colours(red, np.random.default_rng(seed))[0, 0] // 40) for seed in range(8)}
+    assert len(hues) >= 4
+
+
+def test_a_jitter_share_outside_0_to_1_is_refused(tmp_path):
+    from xmgie.editing.errors import EditInputError
+
+    with pytest.raises(EditInputError, match="colour jitter") as refused:
+        write_synthetic_dataset(tmp_path / "x", 10, colour_jitter=1.5)
+    assert refused.value.code == "invalid_option" and not (tmp_path / "x").exists()

@@ -323,6 +323,50 @@ def test_masked_attention_items_are_drawn_last_at_their_share():
     assert bool(every.mask_attention.all())
 
 
+def test_noisy_timestep_items_are_drawn_last_and_tilt_the_timesteps_to_the_noisier_half():
+    plain = StepNoise.draw(torch.Generator().manual_seed(3), 64, (4, 4, 4), 1000, masked_attention_share=0.5)
+    tilted = StepNoise.draw(
+        torch.Generator().manual_seed(3), 64, (4, 4, 4), 1000, masked_attention_share=0.5, noisy_timestep_share=0.5
+    )
+    assert plain.noisy_timestep is None
+    for name in ("noise", "latent_noise", "drop_conditioning", "drop_image", "mask_attention"):
+        assert torch.equal(getattr(plain, name), getattr(tilted, name)), name
+    redrawn = tilted.noisy_timestep
+    assert 0 < int(redrawn.sum()) < 64
+    assert torch.equal(tilted.timesteps[~redrawn], plain.timesteps[~redrawn])
+    assert bool((tilted.timesteps[redrawn] >= 500).all())
+    # A share s draws a timestep of the noisier half (1 + s) / (1 - s) times as often as one of the other half.
+    many = StepNoise.draw(torch.Generator().manual_seed(0), 200_000, (1, 1, 1), 1000, noisy_timestep_share=0.5)
+    assert float(many.noisy_timestep.float().mean()) == pytest.approx(0.5, abs=0.005)
+    assert float((many.timesteps >= 500).float().mean()) == pytest.approx(0.75, abs=0.005)
+    assert int(many.timesteps.min()) == 0 and int(many.timesteps.max()) == 999
+
+
+def spy(monkeypatch, module, name: str, pick) -> list:
+    """Record ``pick(*args)`` of every call of ``module.name``, which still runs."""
+    seen: list = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: seen.append(pick(*args)) or original(*args))
+    return seen
+
+
+def train_command(pairs, model_cache, output, steps: int, *options: str) -> int:
+    """``xmgie train`` of tiny on ``pairs`` for ``steps`` steps of 2 items, with ``options``."""
+    common = ["train", "--data", str(pairs), "--cache-dir", str(model_cache), "--model", "tiny", "--no-progress"]
+    common += ["--resolution", str(RESOLUTION), "--batch-size", "2", "--max-steps", str(steps)]
+    return main([*common, "--output-dir", str(output), *options])
+
+
+def test_the_command_tilts_the_timesteps_by_the_share_it_is_given(pairs, model_cache, tmp_path, monkeypatch):
+    from xmgie.training import objective as objective_module
+
+    shares = spy(monkeypatch, objective_module, "noisy_timesteps", lambda timesteps, total, share, rng: share)
+    assert train_command(pairs, model_cache, tmp_path / "uniform", 2) == 0
+    assert shares == []
+    assert train_command(pairs, model_cache, tmp_path / "tilted", 2, "--noisy-timestep-share", "0.4") == 0
+    assert shares == [0.4, 0.4]
+
+
 def test_masked_attention_reads_the_conditioning_only_inside_the_region(pairs, tiny_pipe):
     """An item trained with its cross-attention masked (CAM as with a user's mask) attends to its conditioning
     inside its region and to the null conditioning outside: with an empty region it is predicted exactly as with
@@ -432,6 +476,8 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
         train(config(pairs, tmp_path / "x", model_cache, region_loss_share=1.0))
     with pytest.raises(EditInputError, match="--masked-attention-share"):
         train(config(pairs, tmp_path / "x", model_cache, masked_attention_share=1.5))
+    with pytest.raises(EditInputError, match="--noisy-timestep-share"):
+        train(config(pairs, tmp_path / "x", model_cache, noisy_timestep_share=1.0))
     with pytest.raises(EditInputError, match="--null-target"):
         train(config(pairs, tmp_path / "x", model_cache, null_target="nothing"))
     with pytest.raises(EditInputError, match="--snr-gamma"):
@@ -602,16 +648,8 @@ def test_a_run_reads_the_repeated_rows_as_often_as_asked(pairs, model_cache, tmp
 def test_the_command_masks_the_attention_of_the_share_it_is_given(pairs, model_cache, tmp_path, monkeypatch):
     from xmgie.editing import attention as attention_module
 
-    masked_steps: list[int] = []
-    original = attention_module.install_edit_processors
-    monkeypatch.setattr(
-        attention_module,
-        "install_edit_processors",
-        lambda unet, control: masked_steps.append(control.batch_size) or original(unet, control),
-    )
-    common = ["train", "--data", str(pairs), "--cache-dir", str(model_cache), "--model", "tiny", "--no-progress"]
-    common += ["--resolution", str(RESOLUTION), "--batch-size", "2", "--max-steps", "3"]
-    assert main([*common, "--output-dir", str(tmp_path / "never")]) == 0
+    masked_steps = spy(monkeypatch, attention_module, "install_edit_processors", lambda _, control: control.batch_size)
+    assert train_command(pairs, model_cache, tmp_path / "never", 3) == 0
     assert masked_steps == []
-    assert main([*common, "--output-dir", str(tmp_path / "always"), "--masked-attention-share", "1"]) == 0
+    assert train_command(pairs, model_cache, tmp_path / "always", 3, "--masked-attention-share", "1") == 0
     assert masked_steps == [2, 2, 2]

@@ -75,6 +75,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         help="Min-SNR-γ weighting of the edit loss over timesteps (5 is the paper's; 0: plain mean squares)",
     )
     train.add_argument(
+        "--noisy-timestep-share",
+        type=float,
+        default=0.0,
+        help="share of the items whose timestep is drawn from the noisier half of the schedule, where the edit is "
+        "decided (0: every timestep equally often)",
+    )
+    train.add_argument(
         "--null-target",
         choices=["target", "source"],
         default="target",
@@ -109,6 +116,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
     synth.add_argument("--photos", type=Path, help="folder of photos to crop (default: the bundled examples)")
     synth.add_argument("--test-fraction", type=float, default=0.2, help="share of the items in test/")
     synth.add_argument("--test-photos", type=int, default=1, help="photos held out for test/")
+    synth.add_argument(
+        "--colour-jitter",
+        type=float,
+        default=0.0,
+        help="share of the training items whose crop has its hues turned and saturation scaled before the edit "
+        "(0: the photos' own colours)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -152,6 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
         region_loss_share=args.region_loss_share,
         masked_attention_share=args.masked_attention_share,
         snr_gamma=args.snr_gamma,
+        noisy_timestep_share=args.noisy_timestep_share,
         null_target=args.null_target,
         ema_decay=args.ema_decay,
         repeat_rows=tuple(args.repeat_rows),
@@ -177,6 +192,7 @@ def run_data(args: argparse.Namespace) -> int:
         photos=args.photos or BUNDLED_PHOTOS,
         test_fraction=args.test_fraction,
         test_photos=args.test_photos,
+        colour_jitter=args.colour_jitter,
     )
     print(f"wrote {counts['train']} train and {counts['test']} test items under {args.output}")
     return 0

@@ -183,6 +183,8 @@ class StepNoise:
     drop_image: torch.Tensor
     mask_attention: torch.Tensor | None = None
     """(B,) bool: items whose cross-attention to the conditioning is masked to their region (CAM) this step."""
+    noisy_timestep: torch.Tensor | None = None
+    """(B,) bool: items whose timestep was drawn from the noisier half of the schedule this step."""
 
     @classmethod
     def draw(
@@ -193,10 +195,13 @@ class StepNoise:
         num_train_timesteps: int,
         dropout_rate: float = CONDITIONING_DROPOUT,
         masked_attention_share: float = 0.0,
+        noisy_timestep_share: float = 0.0,
     ) -> StepNoise:
         """Timesteps, the diffusion noise, the target latent's sampling noise, the dropout decisions and, with a
         ``masked_attention_share`` above 0, which items train with their cross-attention masked to their region
-        (drawn last, so the other draws do not depend on it)."""
+        (drawn after those, so they do not depend on it). With a ``noisy_timestep_share`` above 0, that share of the
+        items (drawn last) takes its timestep again from the noisier half ``[T/2, T)``: see
+        :func:`noisy_timesteps`."""
         timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
         noise = torch.randn((batch_size, *latent_shape), generator=generator)
         latent_noise = torch.randn((batch_size, *latent_shape), generator=generator)
@@ -204,7 +209,27 @@ class StepNoise:
         mask_attention = None
         if masked_attention_share > 0:
             mask_attention = torch.rand(batch_size, generator=generator) < masked_attention_share
-        return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image, mask_attention)
+        noisy_timestep = None
+        if noisy_timestep_share > 0:
+            share = noisy_timestep_share
+            timesteps, noisy_timestep = noisy_timesteps(timesteps, num_train_timesteps, share, generator)
+        return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image, mask_attention, noisy_timestep)
+
+
+def noisy_timesteps(
+    timesteps: torch.Tensor, num_train_timesteps: int, share: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``timesteps`` with a ``share`` of them (drawn per item) drawn again from the noisier half of the schedule.
+
+    Returns the timesteps and which items were redrawn. With ``share`` s, a timestep of the noisier half
+    ``[T/2, T)`` is drawn (1 + s) / (1 − s) times as often as one of the other half. That half is where the edit is
+    decided: there the noisy target says little of the target, and the model's clean-latent estimate — which sets
+    the picture's tones in a sampler's first steps — must come from the source and the instruction alone. Near
+    the clean end the noisy target gives the answer away, and a uniform draw spends half the steps there.
+    """
+    redraw = torch.rand(timesteps.shape[0], generator=generator) < share
+    noisier = torch.randint(num_train_timesteps // 2, num_train_timesteps, timesteps.shape, generator=generator)
+    return torch.where(redraw, noisier, timesteps), redraw
 
 
 @dataclass

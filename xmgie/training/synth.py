@@ -14,7 +14,8 @@ Sources are crops (random position and scale, random horizontal flip) of a few p
 Every item gets one of several phrasings of its instruction and an expressive instruction written
 from the edit that names its kind. The output has one folder per split, ``train/`` and ``test/``,
 each in the layout of :mod:`xmgie.training.data`; the two splits never share a source photo. Item
-``i`` of a split depends only on (seed, split, i), so the same seed gives identical files.
+``i`` of a split depends only on (seed, split, i) — its crop and edit not even on ``colour_jitter``, whose draws
+come from a stream of their own — so the same seed gives identical files.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ SPLITS = ("train", "test")
 
 LUMA = np.array([0.299, 0.587, 0.114])
 SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
+YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+SATURATION_RANGE = (0.6, 1.4)
+"""Bounds of the factor by which :func:`jitter_colours` scales a crop's saturation."""
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -187,6 +191,22 @@ def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> tupl
     return np.asarray(crop, dtype=np.uint8).copy(), {"crop": [left, top, side], "flip": flip}
 
 
+def jitter_colours(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``crop`` with its hues turned by a random angle and its saturation scaled by a factor drawn from
+    :data:`SATURATION_RANGE`, its luma kept: a rotation and scaling of the chroma plane of YIQ.
+
+    A photo's palette becomes another photo's; the edits' targets are computed from the jittered crop, so the
+    model learns each colour edit as a function of the colours it is given, not of the few palettes of the
+    bundled photos (a held-out photo's palette is otherwise one it never saw).
+    """
+    angle = rng.uniform(0.0, 2 * np.pi)
+    scale = rng.uniform(*SATURATION_RANGE)
+    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+    chroma = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    transform = np.linalg.inv(YIQ) @ chroma @ YIQ
+    return _to_uint8(crop.astype(np.float64) @ transform.T)
+
+
 def draw_shape_mask(size: int, shape: str, place: str, rng: np.random.Generator) -> np.ndarray:
     """A boolean (size, size) mask of ``shape`` around ``place``, with a random radius and jitter."""
     radius = size * rng.uniform(0.09, 0.15)
@@ -240,9 +260,17 @@ def local_edit(
     return painted, _paint(crop, mask, COLOURS[new_colour]), mask, parts
 
 
-def synth_item(kind: str, photo: Image.Image, size: int, rng: np.random.Generator) -> dict[str, Any]:
-    """One item: source, target and mask arrays, instruction, expressive instruction and a description."""
+def synth_item(
+    kind: str, photo: Image.Image, size: int, rng: np.random.Generator, jitter: np.random.Generator | None = None
+) -> dict[str, Any]:
+    """One item: source, target and mask arrays, instruction, expressive instruction and a description.
+
+    With ``jitter``, the crop's colours are jittered (:func:`jitter_colours`, drawn from ``jitter``) before the edit.
+    """
     crop, placement = random_crop(photo, size, rng)
+    if jitter is not None:
+        crop = jitter_colours(crop, jitter)
+        placement["colour_jitter"] = True
     if kind in GLOBAL_TRANSFORMS:
         source, target = crop, GLOBAL_TRANSFORMS[kind](crop)
         mask = np.ones(crop.shape[:2], dtype=bool)
@@ -288,12 +316,15 @@ def write_synthetic_dataset(
     test_fraction: float = 0.2,
     test_photos: int = 1,
     kinds: tuple[str, ...] = KINDS,
+    colour_jitter: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
     """Write ``count`` items under ``output/train`` and ``output/test``; return the items per split.
 
     Kinds take turns (item ``i`` of a split is kind ``i mod len(kinds)``) so that every kind has its
-    share of both splits. ``progress`` is called with 1 after each item.
+    share of both splits. A ``colour_jitter`` share of the training items (drawn per item) have their crop's
+    colours jittered before the edit (:func:`jitter_colours`; their row says ``"colour_jitter": true``); the test
+    split keeps the photos' own colours. ``progress`` is called with 1 after each item.
     """
     output = Path(output)
     if size < 16:
@@ -301,6 +332,8 @@ def write_synthetic_dataset(
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown or not kinds:
         raise EditInputError("invalid_option", f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
+    if not 0 <= colour_jitter <= 1:
+        raise EditInputError("invalid_option", f"colour jitter must be between 0 and 1, got {colour_jitter}")
     if output.exists() and any(output.iterdir()):
         raise EditInputError("output_exists", f"output folder {str(output)!r} exists and is not empty")
     counts = split_counts(count, test_fraction)
@@ -313,7 +346,12 @@ def write_synthetic_dataset(
         for index in range(counts[split]):
             rng = np.random.default_rng([seed, 2, split_index, index])
             photo_index = int(rng.integers(len(images)))
-            item = synth_item(kinds[index % len(kinds)], images[photo_index], size, rng)
+            jitter = None
+            if split == "train" and colour_jitter > 0:
+                jitter = np.random.default_rng([seed, 3, split_index, index])
+                if jitter.random() >= colour_jitter:
+                    jitter = None
+            item = synth_item(kinds[index % len(kinds)], images[photo_index], size, rng, jitter)
             stem = f"images/{index:05d}"
             Image.fromarray(item.pop("source")).save(folder / f"{stem}_source.png")
             Image.fromarray(item.pop("target")).save(folder / f"{stem}_target.png")
@@ -341,6 +379,7 @@ def write_synthetic_dataset(
         "size": size,
         "count": count,
         "kinds": list(kinds),
+        "colour_jitter": colour_jitter,
         "photos": {split: [path.name for path in assignment[split]] for split in SPLITS},
     }
     (output / "synth.json").write_text(json.dumps(settings, indent=2) + "\n")

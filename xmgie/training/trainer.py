@@ -96,6 +96,9 @@ class TrainingConfig:
     snr_gamma: float = 0.0
     """Min-SNR-γ weighting of the edit loss over timesteps (0: plain mean squares); see
     :func:`xmgie.training.objective.min_snr_weights`."""
+    noisy_timestep_share: float = 0.0
+    """The share of items (drawn per step) whose timestep is drawn from the noisier half of the schedule, where
+    the edit is decided (0: every timestep equally often); see :func:`xmgie.training.objective.noisy_timesteps`."""
     null_target: str = "target"
     """What items with the conditioning dropped (source kept) denoise: ``target`` (InstructPix2Pix) or ``source``
     (the null branch learns "no edit"); see :data:`xmgie.training.objective.NULL_TARGETS`."""
@@ -134,6 +137,8 @@ class TrainingConfig:
             raise EditInputError("invalid_option", "--masked-attention-share must be between 0 and 1")
         if self.null_target not in NULL_TARGETS:
             raise EditInputError("invalid_option", f"--null-target must be one of {', '.join(NULL_TARGETS)}")
+        if not 0 <= self.noisy_timestep_share < 1:
+            raise EditInputError("invalid_option", "--noisy-timestep-share must be at least 0 and below 1")
         if self.snr_gamma < 0:
             raise EditInputError("invalid_option", "--snr-gamma cannot be negative")
         parse_repeat_rules(self.repeat_rows)
@@ -387,6 +392,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
             noise_scheduler.config.num_train_timesteps,
             config.conditioning_dropout,
             config.masked_attention_share,
+            config.noisy_timestep_share,
         )
         mllm_inputs = build_teacher_forcing_batch(
             pipe.tokenizer,
