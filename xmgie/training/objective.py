@@ -211,8 +211,9 @@ class StepNoise:
             mask_attention = torch.rand(batch_size, generator=generator) < masked_attention_share
         noisy_timestep = None
         if noisy_timestep_share > 0:
-            share = noisy_timestep_share
-            timesteps, noisy_timestep = noisy_timesteps(timesteps, num_train_timesteps, share, generator)
+            timesteps, noisy_timestep = noisy_timesteps(
+                timesteps, num_train_timesteps, noisy_timestep_share, generator
+            )
         return cls(timesteps, noise, latent_noise, drop_conditioning, drop_image, mask_attention, noisy_timestep)
 
 

@@ -39,7 +39,9 @@ SPLITS = ("train", "test")
 
 LUMA = np.array([0.299, 0.587, 0.114])
 SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
-YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ = np.vstack([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+"""RGB to YIQ: luma (:data:`LUMA`) and the two chroma axes."""
+RGB_FROM_YIQ = np.linalg.inv(YIQ)
 SATURATION_RANGE = (0.6, 1.4)
 """Bounds of the factor by which :func:`jitter_colours` scales a crop's saturation."""
 
@@ -203,7 +205,7 @@ def jitter_colours(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     scale = rng.uniform(*SATURATION_RANGE)
     cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
     chroma = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    transform = np.linalg.inv(YIQ) @ chroma @ YIQ
+    transform = RGB_FROM_YIQ @ chroma @ YIQ
     return _to_uint8(crop.astype(np.float64) @ transform.T)
 
 
