@@ -21,6 +21,11 @@ kind's mean edit conditioning to the nearest other kind's (:func:`xmgie.quality.
 also in units of the two kinds' spreads: kinds whose conditionings lie as close as their own spread get the
 same edit; kinds far apart that still get the same edit point at the UNet, not the conditioning.
 
+Last, *whole photos*: every photo of ``--whole-photos`` (the bundled ones) edited whole by each global kind with
+all extensions and no mask — what a user's edit of a photo is, at another scale and shape than the split's square
+crops — scored against its exact target (:func:`xmgie.training.synth.write_whole_photo_items`), per kind for the
+photos held out of the dataset's training split and for its training photos (``--no-whole-photos`` skips them).
+
     python benchmarks/bench_quality.py --model tiny --limit 3 --steps 2
     python benchmarks/bench_quality.py --model mini --data synth --per-kind 4 --steps 20
     python benchmarks/bench_quality.py --model models/mgie --data data/synth --steps 20 --json quality.json
@@ -53,7 +58,7 @@ from xmgie.quality import (
     item_scores,
     read_paired_metadata,
 )
-from xmgie.training.synth import write_synthetic_dataset
+from xmgie.training.synth import BUNDLED_PHOTOS, write_synthetic_dataset, write_whole_photo_items
 
 CONFIGURATIONS: dict[str, tuple[str, ...]] = {
     "plain": (),
@@ -73,6 +78,7 @@ COLUMNS = (
     "names_kind_share",
     "expressive_exact_share",
 )
+WHOLE_PHOTO_COLUMNS = ("n", "l1_ratio", "l1_inside", "psnr_inside", "tone_gain", "colour_cast")
 
 
 def default_model() -> str:
@@ -128,6 +134,31 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def whole_photo_scores(pipe: Any, folder: Path, scratch: Path, args) -> list[dict[str, Any]]:
+    """Each photo of ``args.whole_photos`` edited whole by each global kind (all extensions, no mask) and scored;
+    each row says whether its photo was held out of the dataset's training split (by the dataset's
+    ``synth.json``; ``unknown`` without one)."""
+    settings = folder.parent / "synth.json"
+    splits = json.loads(settings.read_text())["photos"] if settings.is_file() else {}
+    label = {name: "held-out" if split == "test" else "training" for split, names in splits.items() for name in names}
+    rows = write_whole_photo_items(scratch, args.whole_photos)
+    scored = []
+    for index, row in enumerate(rows):
+        scores = edit_and_score(
+            pipe,
+            row,
+            scratch,
+            extensions=EXTENSIONS,
+            mask_source="none",
+            seed=args.seed + index,
+            num_inference_steps=args.steps,
+            max_side=args.max_side,
+        )
+        scored.append({"photo": row["photo"], "split": label.get(row["photo"], "unknown"), **scores})
+    print(f"whole photos: {len(rows)} items", file=sys.stderr)
+    return scored
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration on the held-out items, print the tables and write ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -141,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data written and of item 0's noise")
     parser.add_argument("--device", default=None, help="default: CUDA when present, else cpu")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--whole-photos", type=Path, default=BUNDLED_PHOTOS, help="photos edited whole")
+    parser.add_argument("--no-whole-photos", action="store_true", help="skip the whole-photo edits")
     parser.add_argument("--json", type=Path, help="write every per-item row and the tables here")
     args = parser.parse_args(argv)
     import diffusers
@@ -191,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows
         ]
         separation = conditioning_separation(pipe, rows, folder)
+        whole = [] if args.no_whole_photos else whole_photo_scores(pipe, folder, Path(scratch) / "whole", args)
 
     table = {
         f"{configuration} / {mask_source}": summary(
@@ -208,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, kinds in per_kind.items():
         print(f"\nper kind, {key}:\n")
         print(format_table(kinds))
+    for split in ("held-out", "training", "unknown"):
+        kept = [row for row in whole if row["split"] == split]
+        if kept:
+            photos = sorted({row["photo"] for row in kept})
+            print(f"\nper kind, whole {split} photos ({', '.join(photos)}), all extensions, no mask:\n")
+            print(format_table(aggregate(kept), WHOLE_PHOTO_COLUMNS))
     print("\nconditioning separation (distance of each kind's mean conditioning to the nearest other kind's):\n")
     print("| kind | n | nearest kind | distance | own spread | distance / spreads |\n|---|---:|---|---:|---:|---:|")
     for kind, row in sorted(separation.items()):
@@ -222,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_kind": per_kind,
             "conditioning_separation": separation,
             "rows": scored,
+            "whole_photo_rows": whole,
         }
         args.json.write_text(json.dumps(json_safe(report), indent=2, default=str) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

@@ -16,6 +16,7 @@ from xmgie.editing.errors import EditInputError
 from xmgie.quality import (
     PSNR_CAP,
     aggregate,
+    colour_cast,
     format_table,
     item_scores,
     names_kind,
@@ -74,6 +75,30 @@ def test_tone_gain_tells_an_overshoot_from_a_short_edit_and_from_the_wrong_way()
         np.ones((25, 20), dtype=bool),
     )
     assert as_images["tone_gain"] == pytest.approx(0.0, abs=0.02)
+
+
+def test_colour_cast_names_a_tint_that_l1_and_tone_gain_pass_over() -> None:
+    # A black and white target; one output is the target's grey a little brighter, the other as close in L1
+    # but tinted green — channel spreads that move the target's way, so the tone gain is about as good.
+    rgb = np.random.default_rng(2).uniform(0.2, 0.8, size=(30, 40, 3))
+    grey = np.repeat((rgb @ [0.299, 0.587, 0.114])[..., None], 3, axis=-1)
+    brighter, green = np.clip(grey + 0.06, 0, 1), np.clip(grey + [-0.04, 0.05, -0.04], 0, 1)
+    everywhere = np.ones((30, 40), dtype=bool)
+    scores = {
+        name: item_scores(rgb, grey, output, everywhere) for name, output in [("grey", brighter), ("green", green)]
+    }
+    assert scores["grey"]["colour_cast"] == pytest.approx(0.0, abs=1e-9)  # luma is not a cast
+    # The tint's own chroma (I, Q) = (−0.025, −0.047), up to the images' rounding to 8 bits.
+    assert scores["green"]["colour_cast"] == pytest.approx(np.hypot(-0.02466, -0.04707), rel=0.02)
+    assert scores["green"]["colour_cast"] > 0.04
+    assert abs(scores["green"]["l1_inside"] - scores["grey"]["l1_inside"]) < 0.02
+    assert scores["green"]["tone_gain"] > 0.8 and scores["grey"]["tone_gain"] > 0.8
+    # The cast of the mean colour: a region whose pixels carry opposite tints has none.
+    tinted = grey.copy()
+    tinted[:15] += [0.05, -0.05, 0.0]
+    tinted[15:] -= [0.05, -0.05, 0.0]
+    assert colour_cast(grey.reshape(-1, 3), tinted.reshape(-1, 3)) == pytest.approx(0.0, abs=1e-9)
+    assert "colour_cast" in format_table(aggregate([{"kind": "k", **scores["green"]}]))
 
 
 def test_a_far_change_lowers_far_outside_equal_and_a_near_one_does_not() -> None:

@@ -22,6 +22,12 @@ and the true edit region (white = edited). Against them an output is scored by
     target's, over the target's (1: as much as the target; between 0 and 1: the right way, short of it; above
     1: too far; below 0: the wrong way). It tells an edit that overshoots from one that does another edit,
     which an L1 distance does not; ``None`` where the target hardly changes those statistics.
+``colour_cast``
+    how far the output's mean colour inside the region lies from the target's in the chroma plane of YIQ
+    (:data:`CHROMA`, pixels in [0, 1]; luma left out): 0 for the target's hue balance, about 0.055 for a grey
+    turned the green of RGB (104, 128, 104). A tint the whole region shares — a black and white edit that comes
+    out green — weighs little in an L1 distance and nothing in ``tone_gain`` when the channels' spreads move the
+    right way; this names it.
 ``mask_iou``
     IoU of an estimated mask (thresholded at 0.5) with the true region.
 ``scope_correct`` / ``names_kind``
@@ -65,6 +71,7 @@ __all__ = [
     "PSNR_CAP",
     "aggregate",
     "autoencoder_round_trip",
+    "colour_cast",
     "conditioning_separation",
     "edit_and_score",
     "evaluate_paired",
@@ -119,11 +126,15 @@ SCORE_NAMES = (
     "psnr_outside",
     "far_outside_equal",
     "tone_gain",
+    "colour_cast",
     "mask_iou",
     "scope_correct",
     "names_kind",
     "expressive_exact",
 )
+
+CHROMA = np.array([[0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+"""RGB to the two chroma axes (I, Q) of YIQ; its luma row is :data:`xmgie.training.synth.LUMA`."""
 
 TONE_CHANGE_MIN = 0.01
 """The smallest change of a target's colour statistics (root of the sum of squares, pixels in [0, 1]) for which
@@ -302,6 +313,7 @@ def item_scores(
         "psnr_outside": _psnr(out[outside], src[outside]),
         "far_outside_equal": far_equal,
         "tone_gain": tone_gain(src[inside], tgt[inside], out[inside]) if inside.any() else None,
+        "colour_cast": colour_cast(tgt[inside], out[inside]) if inside.any() else None,
         "mask_iou": iou,
         "scope_correct": scope_correct,
         "names_kind": names_kind(expressive, kind),
@@ -325,6 +337,12 @@ def tone_gain(source: np.ndarray, target: np.ndarray, output: np.ndarray) -> flo
     if math.sqrt(size) < TONE_CHANGE_MIN:
         return None
     return float(np.dot(_tone(output) - start, wanted) / size)
+
+
+def colour_cast(target: np.ndarray, output: np.ndarray) -> float:
+    """The distance between the mean chroma (:data:`CHROMA`) of ``output`` and of ``target`` (``colour_cast``
+    above); both are (N, 3) pixels in [0, 1] of the same region."""
+    return float(np.linalg.norm((output.mean(axis=0) - target.mean(axis=0)) @ CHROMA.T))
 
 
 def autoencoder_round_trip(pipe: Any, image: ArrayLike, source: ArrayLike | None = None) -> np.ndarray:
@@ -499,6 +517,7 @@ TABLE_COLUMNS = (
     "psnr_outside",
     "far_outside_equal",
     "tone_gain",
+    "colour_cast",
     "mask_iou",
     "scope_accuracy",
     "names_kind_share",

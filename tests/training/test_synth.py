@@ -21,8 +21,10 @@ from xmgie.training.synth import (
     LOCAL_PHRASINGS,
     PLACES,
     SHAPES,
+    YIQ,
     jitter_colours,
     write_synthetic_dataset,
+    write_whole_photo_items,
 )
 
 
@@ -190,9 +192,92 @@ def test_jitter_keeps_grey_grey_and_turns_a_colour_to_another_hue():
     assert len(hues) >= 4
 
 
-def test_a_jitter_share_outside_0_to_1_is_refused(tmp_path):
+def hue_turns(before, after):
+    """Per pixel, the angle in degrees (−180 to 180) by which the chroma plane of YIQ turned."""
+    old = before.reshape(-1, 3).astype(float) @ YIQ[1:].T
+    new = after.reshape(-1, 3).astype(float) @ YIQ[1:].T
+    return np.degrees(np.angle((new[:, 0] + 1j * new[:, 1]) * (old[:, 0] - 1j * old[:, 1])))
+
+
+def test_the_hue_bound_limits_the_turn_and_zero_scales_saturation_only():
+    # Mid-tone colours, well inside the RGB cube, so that no channel clips.
+    colours = np.array([[[150, 110, 90], [90, 130, 110], [110, 110, 150], [140, 130, 95]]], dtype=np.uint8)
+    chroma = np.linalg.norm(colours.reshape(-1, 3).astype(float) @ YIQ[1:].T, axis=1)
+    free, bounded = [], []
+    for seed in range(40):
+        free.append(hue_turns(colours, jitter_colours(colours, np.random.default_rng(seed))))
+        bounded.append(hue_turns(colours, jitter_colours(colours, np.random.default_rng(seed), max_hue=36)))
+        unturned = jitter_colours(colours, np.random.default_rng(seed), max_hue=0)
+        assert np.abs(hue_turns(colours, unturned)).max() < 4  # only rounding to uint8
+        scaled = np.linalg.norm(unturned.reshape(-1, 3).astype(float) @ YIQ[1:].T, axis=1) / chroma
+        assert np.ptp(scaled) < 0.1 and 0.55 < scaled.mean() < 1.45  # one saturation factor per crop
+    # Bounded: every turn within 36° (plus rounding), both ways; unbounded: turns far beyond it.
+    assert np.abs(np.concatenate(bounded)).max() < 40
+    assert np.concatenate(bounded).min() < -15 and np.concatenate(bounded).max() > 15
+    assert np.abs(np.concatenate(free)).max() > 120
+
+
+def test_the_hue_bound_reaches_the_dataset_and_its_settings(tmp_path):
+    write_synthetic_dataset(tmp_path / "plain", 24, seed=3, size=32)
+    write_synthetic_dataset(tmp_path / "free", 24, seed=3, size=32, colour_jitter=1.0)
+    write_synthetic_dataset(tmp_path / "bounded", 24, seed=3, size=32, colour_jitter=1.0, colour_jitter_hue=20)
+    settings = json.loads((tmp_path / "bounded" / "synth.json").read_text())
+    assert settings["colour_jitter"] == 1.0 and settings["colour_jitter_hue"] == 20
+    largest = {}
+    for name in ("free", "bounded"):
+        turns = []
+        for old, new in zip(rows(tmp_path / "plain" / "train"), rows(tmp_path / name / "train"), strict=True):
+            assert new["colour_jitter"] is True
+            before = pixels(tmp_path / "plain" / "train", old["source_file"])
+            after = pixels(tmp_path / name / "train", new["source_file"])
+            # Each crop's typical turn, over its clearly coloured pixels (grey ones have no hue to turn).
+            coloured = np.linalg.norm(before.reshape(-1, 3).astype(float) @ YIQ[1:].T, axis=1) > 20
+            turns.append(np.median(hue_turns(before, after)[coloured]))
+        largest[name] = np.abs(turns).max()
+    assert largest["bounded"] <= 22 < largest["free"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), [({"colour_jitter": 1.5}, "colour jitter"), ({"colour_jitter_hue": 200}, "hue")]
+)
+def test_a_jitter_share_or_hue_out_of_range_is_refused(tmp_path, options, message):
     from xmgie.editing.errors import EditInputError
 
-    with pytest.raises(EditInputError, match="colour jitter") as refused:
-        write_synthetic_dataset(tmp_path / "x", 10, colour_jitter=1.5)
+    with pytest.raises(EditInputError, match=message) as refused:
+        write_synthetic_dataset(tmp_path / "x", 10, **options)
     assert refused.value.code == "invalid_option" and not (tmp_path / "x").exists()
+
+
+def test_whole_photo_items_are_each_photo_whole_with_each_global_kinds_exact_target(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(4)
+    wide, tall = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8), rng.integers(0, 256, (30, 16, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(photos / "wide.png")
+    Image.fromarray(tall).save(photos / "tall.png")
+    Image.fromarray(np.zeros((20, 36), dtype=np.uint8)).save(photos / "wide_mask.png")  # not a photo
+    written = write_whole_photo_items(tmp_path / "whole", photos, kinds=("sepia", "warmer"))
+    assert written == rows(tmp_path / "whole")
+    assert [(row["photo"], row["kind"]) for row in written] == [
+        ("tall.png", "sepia"),
+        ("tall.png", "warmer"),
+        ("wide.png", "sepia"),
+        ("wide.png", "warmer"),
+    ]
+    for row in written:
+        source = pixels(tmp_path / "whole", row["source_file"])
+        assert np.array_equal(source, wide if row["photo"] == "wide.png" else tall)  # whole, at its own size
+        target = pixels(tmp_path / "whole", row["target_file"])
+        assert np.array_equal(target, GLOBAL_TRANSFORMS[row["kind"]](source))
+        assert (pixels(tmp_path / "whole", row["mask_file"]) == 255).all()
+        assert row["instruction"] == GLOBAL_PHRASINGS[row["kind"]][0] and row["scope"] == "global"
+    # The rows read as a paired folder, as the quality scores read it.
+    assert len(read_pairs(tmp_path / "whole")) == 4
+
+
+def test_whole_photo_items_refuse_a_local_kind(tmp_path):
+    from xmgie.editing.errors import EditInputError
+
+    with pytest.raises(EditInputError, match="add_shape") as refused:
+        write_whole_photo_items(tmp_path / "whole", kinds=("add_shape",))
+    assert refused.value.code == "invalid_option"

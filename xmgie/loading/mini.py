@@ -10,7 +10,8 @@ Shapes (all real classes): LLaVA with a 3-layer CLIP vision tower (32 px, patche
 InstructPix2Pix UNet in SD 1.5's block classes at widths 32–64 on 32×32 latents (cross-attention at 16×16 and 8×8,
 and the conditioning pooled into the timestep embedding: :data:`MINI_POOLED_CONDITIONING`); a 2-level
 ``AutoencoderKL`` (factor 2, no mid-block self-attention), so the model works at 64 px. The scheduler is
-InstructPix2Pix's with ``v_prediction`` (see :data:`MINI_PREDICTION_TYPE`). The identity adapter is not trained:
+InstructPix2Pix's with ``v_prediction``, rescaled to zero terminal SNR and sampled from its last timestep (see
+:data:`MINI_SCHEDULER_CONFIG`). The identity adapter is not trained:
 its value projections start at zero, so IE leaves a ``mini`` edit unchanged (the identity score is still reported).
 """
 
@@ -51,6 +52,16 @@ MINI_PREDICTION_TYPE = "v_prediction"
 high noise, where an ε-prediction's estimate of the clean latent divides its error by √ᾱ (about 0.07 at
 InstructPix2Pix's last timestep); a v-prediction is the clean latent's there (Salimans & Ho 2022; Lin et al.
 2024 on brightness)."""
+MINI_SCHEDULER_CONFIG = {
+    "prediction_type": MINI_PREDICTION_TYPE,
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
+"""mini's noise schedule: InstructPix2Pix's, rescaled so that its last timestep is pure noise (zero terminal SNR),
+sampled from that last timestep (Lin et al. 2024). InstructPix2Pix's last timestep keeps 7 % of the target's
+signal in training; the UNet learns to read the target's overall tones from that leak, which at inference is
+pure noise, and the picture's tones then come out wrong (a held-out ``more contrast`` or ``warmer`` turned into
+another colour edit)."""
 MINI_POOLED_CONDITIONING = {
     "addition_embed_type": "text",
     "addition_embed_type_num_heads": 4,
@@ -235,7 +246,7 @@ def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
     feature_extractor = CLIPImageProcessorPil(
         size={"shortest_edge": MINI_VISION_SIZE}, crop_size={"height": MINI_VISION_SIZE, "width": MINI_VISION_SIZE}
     )
-    scheduler = EulerAncestralDiscreteScheduler(**{**IP2P_SCHEDULER_CONFIG, "prediction_type": MINI_PREDICTION_TYPE})
+    scheduler = EulerAncestralDiscreteScheduler(**{**IP2P_SCHEDULER_CONFIG, **MINI_SCHEDULER_CONFIG})
     image_encoder, _, identity_adapter = build_tiny_identity_components(unet, seed=seed + 4)
     with torch.no_grad():
         for layer in identity_adapter.layers:

@@ -123,6 +123,13 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         help="share of the training items whose crop has its hues turned and saturation scaled before the edit "
         "(0: the photos' own colours)",
     )
+    synth.add_argument(
+        "--colour-jitter-hue",
+        type=float,
+        default=180.0,
+        help="largest angle in degrees either way by which a jittered crop's hues turn (180: any hue; 0: only its "
+        "saturation is scaled)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -193,6 +200,7 @@ def run_data(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         test_photos=args.test_photos,
         colour_jitter=args.colour_jitter,
+        colour_jitter_hue=args.colour_jitter_hue,
     )
     print(f"wrote {counts['train']} train and {counts['test']} test items under {args.output}")
     return 0

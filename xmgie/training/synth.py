@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 from xmgie.editing.errors import EditInputError
 from xmgie.editing.images import load_image
+from xmgie.quality import CHROMA
 from xmgie.training.data import METADATA_FILE
 
 BUNDLED_PHOTOS = Path(__file__).resolve().parents[2] / "examples"
@@ -39,7 +40,7 @@ SPLITS = ("train", "test")
 
 LUMA = np.array([0.299, 0.587, 0.114])
 SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
-YIQ = np.vstack([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ = np.vstack([LUMA, CHROMA])
 """RGB to YIQ: luma (:data:`LUMA`) and the two chroma axes."""
 RGB_FROM_YIQ = np.linalg.inv(YIQ)
 SATURATION_RANGE = (0.6, 1.4)
@@ -193,15 +194,16 @@ def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> tupl
     return np.asarray(crop, dtype=np.uint8).copy(), {"crop": [left, top, side], "flip": flip}
 
 
-def jitter_colours(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``crop`` with its hues turned by a random angle and its saturation scaled by a factor drawn from
-    :data:`SATURATION_RANGE`, its luma kept: a rotation and scaling of the chroma plane of YIQ.
+def jitter_colours(crop: np.ndarray, rng: np.random.Generator, max_hue: float = 180.0) -> np.ndarray:
+    """``crop`` with its hues turned by a random angle of at most ``max_hue`` degrees either way and its
+    saturation scaled by a factor drawn from :data:`SATURATION_RANGE`, its luma kept: a rotation and scaling of the
+    chroma plane of YIQ (``max_hue`` 180: any hue; 0: saturation only).
 
     A photo's palette becomes another photo's; the edits' targets are computed from the jittered crop, so the
     model learns each colour edit as a function of the colours it is given, not of the few palettes of the
     bundled photos (a held-out photo's palette is otherwise one it never saw).
     """
-    angle = rng.uniform(0.0, 2 * np.pi)
+    angle = np.radians(rng.uniform(-max_hue, max_hue))
     scale = rng.uniform(*SATURATION_RANGE)
     cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
     chroma = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
@@ -263,7 +265,12 @@ def local_edit(
 
 
 def synth_item(
-    kind: str, photo: Image.Image, size: int, rng: np.random.Generator, jitter: np.random.Generator | None = None
+    kind: str,
+    photo: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    jitter: np.random.Generator | None = None,
+    max_hue: float = 180.0,
 ) -> dict[str, Any]:
     """One item: source, target and mask arrays, instruction, expressive instruction and a description.
 
@@ -271,7 +278,7 @@ def synth_item(
     """
     crop, placement = random_crop(photo, size, rng)
     if jitter is not None:
-        crop = jitter_colours(crop, jitter)
+        crop = jitter_colours(crop, jitter, max_hue)
         placement["colour_jitter"] = True
     if kind in GLOBAL_TRANSFORMS:
         source, target = crop, GLOBAL_TRANSFORMS[kind](crop)
@@ -319,14 +326,16 @@ def write_synthetic_dataset(
     test_photos: int = 1,
     kinds: tuple[str, ...] = KINDS,
     colour_jitter: float = 0.0,
+    colour_jitter_hue: float = 180.0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
     """Write ``count`` items under ``output/train`` and ``output/test``; return the items per split.
 
     Kinds take turns (item ``i`` of a split is kind ``i mod len(kinds)``) so that every kind has its
     share of both splits. A ``colour_jitter`` share of the training items (drawn per item) have their crop's
-    colours jittered before the edit (:func:`jitter_colours`; their row says ``"colour_jitter": true``); the test
-    split keeps the photos' own colours. ``progress`` is called with 1 after each item.
+    colours jittered before the edit (:func:`jitter_colours`, hues turned by at most ``colour_jitter_hue`` degrees;
+    their row says ``"colour_jitter": true``); the test split keeps the photos' own colours. ``progress`` is called
+    with 1 after each item.
     """
     output = Path(output)
     if size < 16:
@@ -336,6 +345,10 @@ def write_synthetic_dataset(
         raise EditInputError("invalid_option", f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
     if not 0 <= colour_jitter <= 1:
         raise EditInputError("invalid_option", f"colour jitter must be between 0 and 1, got {colour_jitter}")
+    if not 0 <= colour_jitter_hue <= 180:
+        raise EditInputError(
+            "invalid_option", f"colour jitter hue must be between 0 and 180 degrees, got {colour_jitter_hue}"
+        )
     if output.exists() and any(output.iterdir()):
         raise EditInputError("output_exists", f"output folder {str(output)!r} exists and is not empty")
     counts = split_counts(count, test_fraction)
@@ -353,7 +366,7 @@ def write_synthetic_dataset(
                 jitter = np.random.default_rng([seed, 3, split_index, index])
                 if jitter.random() >= colour_jitter:
                     jitter = None
-            item = synth_item(kinds[index % len(kinds)], images[photo_index], size, rng, jitter)
+            item = synth_item(kinds[index % len(kinds)], images[photo_index], size, rng, jitter, colour_jitter_hue)
             stem = f"images/{index:05d}"
             Image.fromarray(item.pop("source")).save(folder / f"{stem}_source.png")
             Image.fromarray(item.pop("target")).save(folder / f"{stem}_target.png")
@@ -382,7 +395,57 @@ def write_synthetic_dataset(
         "count": count,
         "kinds": list(kinds),
         "colour_jitter": colour_jitter,
+        "colour_jitter_hue": colour_jitter_hue,
         "photos": {split: [path.name for path in assignment[split]] for split in SPLITS},
     }
     (output / "synth.json").write_text(json.dumps(settings, indent=2) + "\n")
     return counts
+
+
+def write_whole_photo_items(
+    output: str | os.PathLike,
+    photos: str | os.PathLike = BUNDLED_PHOTOS,
+    *,
+    kinds: tuple[str, ...] = tuple(GLOBAL_TRANSFORMS),
+) -> list[dict[str, Any]]:
+    """Write every photo of ``photos`` whole, at its own size, with each global kind's exact target, as a paired
+    folder (``output/metadata.jsonl``, images under ``output/images``); return its rows.
+
+    A synthetic split holds square crops at the training size; an edit asked of a whole photo sees it at another
+    scale and shape (a 3:2 photo is worked on at 64 × 43 by ``mini``). These items score edits the way users ask
+    for them. Each row has the kind's first phrasing and its expressive instruction, a mask of the whole photo,
+    ``scope`` ``global`` and the photo's name.
+    """
+    unknown = [kind for kind in kinds if kind not in GLOBAL_TRANSFORMS]
+    if unknown or not kinds:
+        raise EditInputError(
+            "invalid_option", f"unknown global kinds {unknown}; choose from {list(GLOBAL_TRANSFORMS)}"
+        )
+    output = Path(output)
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in find_photos(photos):
+        source = np.asarray(load_image(path), dtype=np.uint8)
+        Image.fromarray(source).save(output / "images" / f"{path.stem}_source.png")
+        Image.fromarray(np.full(source.shape[:2], 255, dtype=np.uint8), "L").save(
+            output / "images" / f"{path.stem}_mask.png"
+        )
+        for kind in kinds:
+            target_file = f"images/{path.stem}_{kind}.png"
+            Image.fromarray(GLOBAL_TRANSFORMS[kind](source)).save(output / target_file)
+            rows.append(
+                {
+                    "source_file": f"images/{path.stem}_source.png",
+                    "target_file": target_file,
+                    "mask_file": f"images/{path.stem}_mask.png",
+                    "instruction": GLOBAL_PHRASINGS[kind][0],
+                    "expressive_instruction": GLOBAL_EXPRESSIVE[kind],
+                    "photo": path.name,
+                    "kind": kind,
+                    "scope": "global",
+                }
+            )
+    with (output / METADATA_FILE).open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return rows
