@@ -305,6 +305,13 @@ def synth_item(
     }
 
 
+def _write_metadata(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """``folder/metadata.jsonl``: one JSON object per row."""
+    with (folder / METADATA_FILE).open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
 def split_counts(count: int, test_fraction: float) -> dict[str, int]:
     """Items per split: ``test_fraction`` of ``count`` held out (at least one of each when ``count`` ≥ 2)."""
     if count < 2:
@@ -386,9 +393,7 @@ def write_synthetic_dataset(
             if progress is not None:
                 progress(1)
         # The manifest is written last, so it never names a missing file.
-        with (folder / METADATA_FILE).open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        _write_metadata(folder, rows)
     settings = {
         "seed": seed,
         "size": size,
@@ -426,18 +431,17 @@ def write_whole_photo_items(
     rows = []
     for path in find_photos(photos):
         source = np.asarray(load_image(path), dtype=np.uint8)
-        Image.fromarray(source).save(output / "images" / f"{path.stem}_source.png")
-        Image.fromarray(np.full(source.shape[:2], 255, dtype=np.uint8), "L").save(
-            output / "images" / f"{path.stem}_mask.png"
-        )
+        source_file, mask_file = f"images/{path.stem}_source.png", f"images/{path.stem}_mask.png"
+        Image.fromarray(source).save(output / source_file)
+        Image.fromarray(np.full(source.shape[:2], 255, dtype=np.uint8), "L").save(output / mask_file)
         for kind in kinds:
             target_file = f"images/{path.stem}_{kind}.png"
             Image.fromarray(GLOBAL_TRANSFORMS[kind](source)).save(output / target_file)
             rows.append(
                 {
-                    "source_file": f"images/{path.stem}_source.png",
+                    "source_file": source_file,
                     "target_file": target_file,
-                    "mask_file": f"images/{path.stem}_mask.png",
+                    "mask_file": mask_file,
                     "instruction": GLOBAL_PHRASINGS[kind][0],
                     "expressive_instruction": GLOBAL_EXPRESSIVE[kind],
                     "photo": path.name,
@@ -445,7 +449,5 @@ def write_whole_photo_items(
                     "scope": "global",
                 }
             )
-    with (output / METADATA_FILE).open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    _write_metadata(output, rows)
     return rows
