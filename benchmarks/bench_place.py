@@ -30,8 +30,8 @@ from scipy.stats import rankdata
 
 from xmgie.editing.images import to_working_size
 from xmgie.editing.masks import derived_generators, estimate_edit_masks
-from xmgie.editing.mllm import generate_expressive_instructions
-from xmgie.editing.options import AutoMaskOptions
+from xmgie.editing.mllm import MAX_NEW_TOKENS, generate_expressive_instructions
+from xmgie.editing.options import DEFAULT_MAX_SIDE, AutoMaskOptions
 from xmgie.loading import directory
 from xmgie.loading.directory import load_pipeline
 from xmgie.training.synth import LOCAL_KINDS, PLACES, write_synthetic_dataset
@@ -91,7 +91,7 @@ def place_probes(pipe, folder: Path, items: int, folds: int, penalty: float) -> 
                 pipe.feature_extractor,
                 images,
                 [row["instruction"] for row in chunk],
-                max_new_tokens=96,
+                max_new_tokens=MAX_NEW_TOKENS,
                 batch_size=16,
             )
             states = out.img_hidden_states.to(pipe.edit_head.dtype)
@@ -128,9 +128,10 @@ def mask_ceiling(pipe, folder: Path, per_kind: int) -> None:
         chosen = [row for row in rows if row["kind"] == kind][:per_kind]
         best, aucs = [], []
         for index, row in enumerate(chosen):
-            source = to_working_size(Image.open(folder / row["source_file"]).convert("RGB"), max_side=64)
+            source = Image.open(folder / row["source_file"]).convert("RGB")
+            source = to_working_size(source, max_side=pipe.config.get("max_working_side") or DEFAULT_MAX_SIDE)
             with torch.no_grad():
-                prompt, null, _ = pipe.encode_instructions([source], [row["instruction"]], 96, {})
+                prompt, null, _ = pipe.encode_instructions([source], [row["instruction"]], MAX_NEW_TOKENS, {})
                 latents = pipe.prepare_image_latents(pipe.image_processor.preprocess(source))
                 estimate = estimate_edit_masks(
                     pipe.unet,
