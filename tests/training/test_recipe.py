@@ -189,6 +189,43 @@ def test_bad_recipes_are_refused_with_a_code(tmp_path, capsys):
     assert "--data FOLDER" in capsys.readouterr().err
 
 
+def test_architecture_options_reach_the_builder_and_bad_ones_are_refused(tmp_path):
+    # mini's UNet with 6 attention heads of 16 channels at width 96 instead of 16 of 4 at width 64: the recipe
+    # builds, trains and saves that architecture.
+    recipe = write_recipe(
+        tmp_path / "heads.json",
+        architecture="mini",
+        architecture_options={"unet_heads": 6, "unet_width": 96},
+        synth={"count": 8, "size": MINI_SIDE, "seed": 0, "kinds": ["invert", "add_shape"]},
+        autoencoder={"steps": 1, "batch_size": 2},
+        train={"resolution": MINI_SIDE, "batch_size": 2, "max_steps": 1},
+    )
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--output-dir", str(run), "--no-progress"]) == 0
+    for folder in ("init", "model"):
+        config = json.loads((run / folder / "unet" / "config.json").read_text())
+        assert config["attention_head_dim"] == 6  # diffusers' name for the number of heads
+        assert config["block_out_channels"] == [32, 96, 96, 96]
+    model = load_pipeline(run / "model", cache_dir=tmp_path, device="cpu", dtype=torch.float32)
+    attention = model.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
+    assert attention.heads == 6 and attention.inner_dim // attention.heads == 16
+    assert "architecture_options" not in load_recipe("mini")  # the shipped weights' 16 heads at width 64
+    for options, message in (
+        ({"unet_heads": 5}, "dividing the UNet's width 64"),
+        ({"unet_heads": 6}, "dividing the UNet's width 64"),
+        ({"unet_heads": "4"}, "dividing the UNet's width 64"),
+        ({"unet_heads": 4, "unet_width": 72}, "multiple of 16"),
+        ({"heads": 4}, "mini has no option"),
+        ([4], "is a JSON object"),
+    ):
+        bad = write_recipe(tmp_path / "bad.json", architecture="mini", architecture_options=options)
+        with pytest.raises(EditInputError, match=message) as refused:
+            load_recipe(bad)
+        assert refused.value.code == "invalid_recipe"
+    with pytest.raises(EditInputError, match=r"tiny has no option\(s\) \['unet_heads'\]"):
+        load_recipe(write_recipe(tmp_path / "tiny.json", architecture_options={"unet_heads": 4}))
+
+
 def test_mini_works_at_its_training_size():
     from xmgie.training.recipe import load_recipe as read
 

@@ -124,6 +124,15 @@ gave the same figures within 0.03."""
 MINI_VISION_SIZE = 32
 MINI_HIDDEN = 128
 MINI_CROSS_ATTENTION_DIM = 64
+MINI_UNET_HEADS = 16
+"""Attention heads of mini's UNet (the recipe's ``architecture_options.unet_heads`` changes it): 16 heads of 4
+channels each at its width of 64, as the shipped weights were trained. 4 heads of 16 channels make a training
+step 0.66× as long on this CPU (``benchmarks/bench_train.py --versus``; attention was 45 % of a step: many heads
+of tiny width run slowly there); one 4,000-step run of the recipe with them did not edit better (README,
+Recipes)."""
+MINI_UNET_WIDTH = 64
+"""The channels of mini's UNet at its levels with attention (16×16 and 8×8) and below; its first level has 32 (the
+recipe's ``architecture_options.unet_width`` changes it: a multiple of 16, the UNet's norm groups)."""
 MINI_VOCAB_SIZE = 600
 
 
@@ -170,8 +179,31 @@ def build_mini_tokenizer(vocab_size: int = MINI_VOCAB_SIZE) -> PreTrainedTokeniz
     return tokenizer
 
 
-def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
-    """``mini``'s architecture with fresh weights (each component from its own seed): what the recipe trains."""
+def check_unet_width(width: object) -> int:
+    """``width`` if mini's UNet can have that many channels below its first level (a positive multiple of 16, its
+    norm groups), else ``ValueError``."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 16 or width % 16:
+        raise ValueError(f"unet_width must be a positive multiple of 16, got {width!r}")
+    return width
+
+
+def check_unet_heads(heads: object, width: int = MINI_UNET_WIDTH) -> int:
+    """``heads`` if mini's UNet of ``width`` can have that many attention heads (a whole number dividing
+    ``width``), else ``ValueError``."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+        raise ValueError(f"unet_heads must be a whole number dividing the UNet's width {width}, got {heads!r}")
+    return heads
+
+
+def build_mini_pipeline(
+    seed: int = 0, unet_heads: int = MINI_UNET_HEADS, unet_width: int = MINI_UNET_WIDTH
+) -> XMGIEPipeline:
+    """``mini``'s architecture with fresh weights (each component from its own seed): what the recipe trains.
+
+    ``unet_heads`` and ``unet_width``: the UNet's attention heads and its channels below the first level
+    (:data:`MINI_UNET_HEADS`, :data:`MINI_UNET_WIDTH`; :func:`check_unet_heads`, :func:`check_unet_width`).
+    """
+    check_unet_heads(unet_heads, check_unet_width(unet_width))
     tokenizer = build_mini_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -224,12 +256,14 @@ def build_mini_pipeline(seed: int = 0) -> XMGIEPipeline:
             sample_size=MINI_SIDE // MINI_VAE_FACTOR,
             in_channels=8,
             out_channels=4,
-            block_out_channels=(32, 64, 64, 64),
+            block_out_channels=(32, unet_width, unet_width, unet_width),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=MINI_CROSS_ATTENTION_DIM,
-            attention_head_dim=16,
+            # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads (a naming kept for
+            # SD 1.5's configs): 16 heads of 4 channels at width 64 by default.
+            attention_head_dim=unet_heads,
             norm_num_groups=16,
             **MINI_POOLED_CONDITIONING,
         )

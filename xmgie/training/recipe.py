@@ -2,7 +2,9 @@
 
 A recipe is a JSON file (the bundled ones live in ``xmgie/training/recipes/``) with four parts:
 
-- ``architecture``: the builder of the untrained model (``mini``: :func:`xmgie.loading.mini.build_mini_pipeline`);
+- ``architecture``: the builder of the untrained model (``mini``: :func:`xmgie.loading.mini.build_mini_pipeline`),
+  and optionally ``architecture_options``, the builder's settings (:data:`ARCHITECTURE_OPTIONS`; ``mini``:
+  ``unet_heads`` and ``unet_width``, the UNet's attention heads and channels; ``tiny``: none);
 - ``synth``: the arguments of :func:`xmgie.training.synth.write_synthetic_dataset` (the paired data);
 - ``autoencoder``: an :class:`~xmgie.training.autoencoder.AutoencoderConfig` (omit it to keep the VAE as built);
 - ``train``: the fields of :class:`~xmgie.training.trainer.TrainingConfig` for MGIE's objective, or a list of
@@ -31,7 +33,7 @@ from typing import Any
 from xmgie.editing.errors import EditInputError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-RECIPE_PARTS = ("name", "description", "architecture", "synth", "autoencoder", "train")
+RECIPE_PARTS = ("name", "description", "architecture", "architecture_options", "synth", "autoencoder", "train")
 
 
 def _architectures() -> dict[str, Callable[[], Any]]:
@@ -39,6 +41,21 @@ def _architectures() -> dict[str, Callable[[], Any]]:
     from xmgie.loading.tiny import build_tiny_pipeline
 
     return {"mini": build_mini_pipeline, "tiny": build_tiny_pipeline}
+
+
+def _check_mini_options(options: dict[str, Any]) -> None:
+    from xmgie.loading.mini import MINI_UNET_HEADS, MINI_UNET_WIDTH, check_unet_heads, check_unet_width
+
+    width = check_unet_width(options.get("unet_width", MINI_UNET_WIDTH))
+    check_unet_heads(options.get("unet_heads", MINI_UNET_HEADS), width)
+
+
+ARCHITECTURE_OPTIONS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], None] | None]] = {
+    "mini": (("unet_heads", "unet_width"), _check_mini_options),
+    "tiny": ((), None),
+}
+"""Per architecture, the settings a recipe may give its builder and the check of their values (which raises
+``ValueError``)."""
 
 
 def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
@@ -60,6 +77,22 @@ def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
         raise EditInputError("invalid_recipe", f"{path}: unknown part(s) {unknown}; a recipe has {RECIPE_PARTS}")
     if data.get("architecture") not in _architectures():
         raise EditInputError("invalid_recipe", f"{path}: architecture must be one of {sorted(_architectures())}")
+    options = data.get("architecture_options", {})
+    if not isinstance(options, dict):
+        raise EditInputError("invalid_recipe", f"{path}: architecture_options is a JSON object")
+    names, check = ARCHITECTURE_OPTIONS[data["architecture"]]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise EditInputError(
+            "invalid_recipe",
+            f"{path}: architecture_options: {data['architecture']} has no option(s) {unknown} "
+            f"(it has {list(names) or 'none'})",
+        )
+    if check is not None:
+        try:
+            check(options)
+        except ValueError as error:
+            raise EditInputError("invalid_recipe", f"{path}: architecture_options: {error}") from None
     from xmgie.training.autoencoder import AutoencoderConfig
     from xmgie.training.trainer import TrainingConfig
 
@@ -130,7 +163,7 @@ def run_recipe(
     init = output / "init"
     if not (init / "model_index.json").is_file():
         started = time.perf_counter()
-        pipe = _architectures()[spec["architecture"]]()
+        pipe = _architectures()[spec["architecture"]](**spec.get("architecture_options", {}))
         if spec.get("autoencoder"):
             config = AutoencoderConfig(**spec["autoencoder"], progress=progress)
             resolution = (
