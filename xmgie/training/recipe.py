@@ -36,7 +36,7 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 RECIPE_PARTS = ("name", "description", "architecture", "architecture_options", "synth", "autoencoder", "train")
 
 
-def _architectures() -> dict[str, Callable[[], Any]]:
+def _architectures() -> dict[str, Callable[..., Any]]:
     from xmgie.loading.mini import build_mini_pipeline
     from xmgie.loading.tiny import build_tiny_pipeline
 
