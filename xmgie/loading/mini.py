@@ -179,20 +179,15 @@ def build_mini_tokenizer(vocab_size: int = MINI_VOCAB_SIZE) -> PreTrainedTokeniz
     return tokenizer
 
 
-def check_unet_width(width: object) -> int:
-    """``width`` if mini's UNet can have that many channels below its first level (a positive multiple of 16, its
-    norm groups), else ``ValueError``."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 16 or width % 16:
-        raise ValueError(f"unet_width must be a positive multiple of 16, got {width!r}")
-    return width
-
-
-def check_unet_heads(heads: object, width: int = MINI_UNET_WIDTH) -> int:
-    """``heads`` if mini's UNet of ``width`` can have that many attention heads (a whole number dividing
-    ``width``), else ``ValueError``."""
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
-        raise ValueError(f"unet_heads must be a whole number dividing the UNet's width {width}, got {heads!r}")
-    return heads
+def check_unet_options(unet_heads: object = MINI_UNET_HEADS, unet_width: object = MINI_UNET_WIDTH) -> None:
+    """``ValueError`` unless mini's UNet can have ``unet_width`` channels below its first level (a positive multiple
+    of 16, its norm groups) and ``unet_heads`` attention heads (a whole number dividing that width)."""
+    if isinstance(unet_width, bool) or not isinstance(unet_width, int) or unet_width < 16 or unet_width % 16:
+        raise ValueError(f"unet_width must be a positive multiple of 16, got {unet_width!r}")
+    if isinstance(unet_heads, bool) or not isinstance(unet_heads, int) or unet_heads < 1 or unet_width % unet_heads:
+        raise ValueError(
+            f"unet_heads must be a whole number dividing the UNet's width {unet_width}, got {unet_heads!r}"
+        )
 
 
 def build_mini_pipeline(
@@ -201,9 +196,9 @@ def build_mini_pipeline(
     """``mini``'s architecture with fresh weights (each component from its own seed): what the recipe trains.
 
     ``unet_heads`` and ``unet_width``: the UNet's attention heads and its channels below the first level
-    (:data:`MINI_UNET_HEADS`, :data:`MINI_UNET_WIDTH`; :func:`check_unet_heads`, :func:`check_unet_width`).
+    (:data:`MINI_UNET_HEADS`, :data:`MINI_UNET_WIDTH`; :func:`check_unet_options`).
     """
-    check_unet_heads(unet_heads, check_unet_width(unet_width))
+    check_unet_options(unet_heads, unet_width)
     tokenizer = build_mini_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -3,7 +3,7 @@
 A recipe is a JSON file (the bundled ones live in ``xmgie/training/recipes/``) with four parts:
 
 - ``architecture``: the builder of the untrained model (``mini``: :func:`xmgie.loading.mini.build_mini_pipeline`),
-  and optionally ``architecture_options``, the builder's settings (:data:`ARCHITECTURE_OPTIONS`; ``mini``:
+  and optionally ``architecture_options``, the builder's settings (``mini``:
   ``unet_heads`` and ``unet_width``, the UNet's attention heads and channels; ``tiny``: none);
 - ``synth``: the arguments of :func:`xmgie.training.synth.write_synthetic_dataset` (the paired data);
 - ``autoencoder``: an :class:`~xmgie.training.autoencoder.AutoencoderConfig` (omit it to keep the VAE as built);
@@ -21,6 +21,7 @@ so a run stopped during MGIE's objective continues with ``--resume latest``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -43,19 +44,16 @@ def _architectures() -> dict[str, Callable[..., Any]]:
     return {"mini": build_mini_pipeline, "tiny": build_tiny_pipeline}
 
 
-def _check_mini_options(options: dict[str, Any]) -> None:
-    from xmgie.loading.mini import MINI_UNET_HEADS, MINI_UNET_WIDTH, check_unet_heads, check_unet_width
-
-    width = check_unet_width(options.get("unet_width", MINI_UNET_WIDTH))
-    check_unet_heads(options.get("unet_heads", MINI_UNET_HEADS), width)
+def _no_options() -> None:
+    """``tiny`` takes no architecture options."""
 
 
-ARCHITECTURE_OPTIONS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], None] | None]] = {
-    "mini": (("unet_heads", "unet_width"), _check_mini_options),
-    "tiny": ((), None),
-}
-"""Per architecture, the settings a recipe may give its builder and the check of their values (which raises
-``ValueError``)."""
+def _option_checks() -> dict[str, Callable[..., None]]:
+    """Per architecture, the check of the settings a recipe may give its builder: its keyword parameters are the
+    settings' names, and it raises ``ValueError`` on a bad value."""
+    from xmgie.loading.mini import check_unet_options
+
+    return {"mini": check_unet_options, "tiny": _no_options}
 
 
 def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
@@ -80,19 +78,19 @@ def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
     options = data.get("architecture_options", {})
     if not isinstance(options, dict):
         raise EditInputError("invalid_recipe", f"{path}: architecture_options is a JSON object")
-    names, check = ARCHITECTURE_OPTIONS[data["architecture"]]
+    check = _option_checks()[data["architecture"]]
+    names = list(inspect.signature(check).parameters)
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise EditInputError(
             "invalid_recipe",
             f"{path}: architecture_options: {data['architecture']} has no option(s) {unknown} "
-            f"(it has {list(names) or 'none'})",
+            f"(it has {names or 'none'})",
         )
-    if check is not None:
-        try:
-            check(options)
-        except ValueError as error:
-            raise EditInputError("invalid_recipe", f"{path}: architecture_options: {error}") from None
+    try:
+        check(**options)
+    except ValueError as error:
+        raise EditInputError("invalid_recipe", f"{path}: architecture_options: {error}") from None
     from xmgie.training.autoencoder import AutoencoderConfig
     from xmgie.training.trainer import TrainingConfig
 
