@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from xmgie.training.recipe import load_recipe
+from xmgie.training.recipe import load_recipe, train_stages
 from xmgie.training.synth import write_synthetic_dataset
 from xmgie.training.trainer import DEFAULT_TRAIN, TrainingConfig, train
 
@@ -34,8 +34,9 @@ SHAPE_OPTIONS = ("masked_attention_share", "region_loss_share", "repeat_rows")
 
 
 def shape_options() -> dict:
-    """The ``mini`` recipe's values of :data:`SHAPE_OPTIONS` (lists as tuples, as the config holds them)."""
-    train_fields = load_recipe("mini")["train"]
+    """The ``mini`` recipe's values of :data:`SHAPE_OPTIONS` in its first stage (lists as tuples, as the config
+    holds them)."""
+    train_fields = train_stages(load_recipe("mini"))[0]
     return {name: tuple(v) if isinstance(v := train_fields[name], list) else v for name in SHAPE_OPTIONS}
 
 

@@ -24,6 +24,7 @@ from xmgie.training.objective import (
     StepNoise,
     build_teacher_forcing_batch,
     draw_conditioning_dropout,
+    edit_size_weights,
     min_snr_weights,
     num_image_tokens,
     region_loss_weights,
@@ -433,6 +434,56 @@ def test_min_snr_weighting_weighs_each_item_of_the_edit_loss_by_its_timestep(pai
     assert float(weighted["edit_loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_edit_size_weights_make_each_items_loss_relative_to_its_edits_size():
+    source = torch.zeros(4, 2, 4, 4)
+    target = source.clone()
+    target[0] += 2.0  # a large global edit
+    target[1] += 0.5  # a subtle global edit, a quarter of its size
+    target[2, :, :2] += 1.0  # an edit of half the picture, size sqrt(1/2)
+    # target[3] is no edit at all: its size is floored, so it cannot take the whole batch's weight
+    weights = edit_size_weights(target, source, 1.0)
+    assert float(weights.mean()) == pytest.approx(1.0)
+    assert float(weights[1] / weights[0]) == pytest.approx(4.0)
+    assert float(weights[2] / weights[0]) == pytest.approx(2.0 / 0.5**0.5)
+    sizes = torch.tensor([2.0, 0.5, 0.5**0.5, 0.0])
+    assert float(weights[3] / weights[0]) == pytest.approx(2.0 / (0.1 * float(sizes.mean())))
+    # Power 2 weighs by the squared size; power 0 leaves every item at 1.
+    assert float(edit_size_weights(target, source, 2.0)[1] / edit_size_weights(target, source, 2.0)[0]) == (
+        pytest.approx(16.0)
+    )
+    assert torch.equal(edit_size_weights(target, source, 0.0), torch.ones(4))
+    # Region weights count in the size: the half-picture edit weighted 3 on its half (1 elsewhere) is sqrt(3) as large.
+    pixel_weights = torch.ones(4, 1, 4, 4)
+    pixel_weights[2, :, :2] = 3.0
+    weighted = edit_size_weights(target, source, 1.0, pixel_weights)
+    assert float(weighted[2] / weighted[0]) == pytest.approx(2.0 / (1.5**0.5))
+
+
+def test_edit_size_weighting_weighs_each_item_of_the_edit_loss_by_its_edit(pairs, tiny_pipe):
+    objective, batch, inputs = objective_and_batch(pairs, tiny_pipe)
+    seen = {}
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, output: seen.update(prediction=output[0]))
+    noise = StepNoise.draw(torch.Generator().manual_seed(0), 2, (4, 4, 4), 1000)
+    noise.drop_conditioning[:] = False
+    noise.drop_image[:] = False
+    try:
+        with torch.no_grad():
+            plain = objective(inputs, batch["source_pixels"], batch["target_pixels"], noise)
+            prediction = seen["prediction"]
+            weighted = objective(inputs, batch["source_pixels"], batch["target_pixels"], noise, edit_size_power=1.0)
+    finally:
+        hook.remove()
+    assert torch.equal(seen["prediction"], prediction)  # the weights change the loss, not the forward pass
+    latents = PairLatents.of(tiny_pipe.vae, batch["source_pixels"], batch["target_pixels"])
+    weights = edit_size_weights(latents.target_mean, latents.source, 1.0)
+    assert abs(float(weights[0]) - float(weights[1])) > 0.05  # the two pairs' edits differ in size
+    squared_error = (prediction - noise.noise).pow(2)
+    assert float(plain["edit_loss"]) == pytest.approx(float(squared_error.mean()), rel=1e-5)
+    expected = (squared_error * weights[:, None, None, None]).mean()
+    assert float(weighted["edit_loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(weighted["edit_loss"]) != pytest.approx(float(plain["edit_loss"]), rel=1e-3)
+
+
 def test_the_command_trains_in_bf16_and_the_directory_edits(pairs, tiny_dir, model_cache, tmp_path):
     out = tmp_path / "model"
     command = [sys.executable, "-m", "xmgie.cli", "train", "--data", str(pairs), "--output-dir", str(out)]
@@ -482,6 +533,9 @@ def test_bad_options_and_a_missing_checkpoint_are_refused(pairs, model_cache, tm
         train(config(pairs, tmp_path / "x", model_cache, null_target="nothing"))
     with pytest.raises(EditInputError, match="--snr-gamma"):
         train(config(pairs, tmp_path / "x", model_cache, snr_gamma=-1.0))
+    for power in (-1.0, 2.5):
+        with pytest.raises(EditInputError, match="--edit-size-power"):
+            train(config(pairs, tmp_path / "x", model_cache, edit_size_power=power))
     with pytest.raises(EditInputError) as missing:
         train(config(pairs, tmp_path / "x", model_cache, resume="latest"))
     assert missing.value.code == "checkpoint_not_found"

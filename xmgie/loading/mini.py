@@ -2,8 +2,9 @@
 
 ``mini`` is built here (architecture and tokenizer) and trained by the recipe
 ``xmgie/training/recipes/mini.json`` (``xmgie train --recipe mini``): an autoencoder stage, then MGIE's
-objective on ``xmgie data synth`` pairs. The trained directory is shipped in the package
-(``xmgie/loading/presets/mini``) and loaded through the same ``from_pretrained`` path as any model.
+objective on ``xmgie data synth`` pairs in two stages (the second weighs each item's edit loss by its edit's
+size). The trained directory is shipped in the package (``xmgie/loading/presets/mini``) and loaded through the
+same ``from_pretrained`` path as any model.
 
 Shapes (all real classes): LLaVA with a 3-layer CLIP vision tower (32 px, patches of 8) and a 2-layer LLaMA (hidden
 128), a byte-level BPE tokenizer trained on the recipe's instruction language; an edit head of width 64; an

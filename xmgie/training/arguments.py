@@ -75,6 +75,14 @@ def add_training_commands(commands: argparse._SubParsersAction, default_cache_di
         help="Min-SNR-γ weighting of the edit loss over timesteps (5 is the paper's; 0: plain mean squares)",
     )
     train.add_argument(
+        "--edit-size-power",
+        type=float,
+        default=0.0,
+        help="weigh each item's edit loss by the size of its edit (target latent against source latent) to this "
+        "negative power, normalised over the batch, so subtle edits count as much as large ones (1: in proportion "
+        "to the edit's size; 0: every item alike)",
+    )
+    train.add_argument(
         "--noisy-timestep-share",
         type=float,
         default=0.0,
@@ -173,6 +181,7 @@ def run_train(args: argparse.Namespace) -> int:
         region_loss_share=args.region_loss_share,
         masked_attention_share=args.masked_attention_share,
         snr_gamma=args.snr_gamma,
+        edit_size_power=args.edit_size_power,
         noisy_timestep_share=args.noisy_timestep_share,
         null_target=args.null_target,
         ema_decay=args.ema_decay,

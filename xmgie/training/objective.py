@@ -307,6 +307,35 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return clamped / snr
 
 
+EDIT_SIZE_FLOOR = 0.1
+"""An item's edit size counts as at least this share of its batch's mean size in :func:`edit_size_weights`."""
+
+
+def edit_size_weights(
+    target_latents: torch.Tensor,
+    source_latents: torch.Tensor,
+    power: float,
+    pixel_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-item weights of the edit loss that grow as the item's edit gets smaller: its size to the power ``-power``.
+
+    An item's edit size is the root mean square of its target's latent minus its source's (weighted per pixel
+    by ``pixel_weights``, the region weights, where given), floored at :data:`EDIT_SIZE_FLOOR` of the batch's
+    mean size; the weights are normalised to average 1 over the batch, so the loss keeps its scale. With
+    ``power`` 1 an item's squared error counts over its edit's size: a model that has learnt a share of every
+    edit feels each item's remaining error in proportion to that share, where plain mean squares let the large
+    edits (an inversion moves a picture about eight times as far as a warmer tone) outweigh the subtle ones.
+    ``power`` 0 gives every item the weight 1.
+    """
+    squared = (target_latents.float() - source_latents.float()).pow(2)
+    if pixel_weights is not None:
+        squared = squared * pixel_weights
+    size = squared.mean(dim=(1, 2, 3)).sqrt()
+    size = size.clamp_min(EDIT_SIZE_FLOOR * float(size.mean()) + torch.finfo(torch.float32).tiny)
+    raw = size.pow(-power)
+    return raw / raw.mean()
+
+
 class MGIEObjective(nn.Module):
     """The trained model as one module whose forward returns MGIE's two losses.
 
@@ -333,15 +362,18 @@ class MGIEObjective(nn.Module):
         region_loss_share: float = 0.0,
         snr_gamma: float = 0.0,
         null_target: str = "target",
+        edit_size_power: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """``instruction_loss`` and ``edit_loss`` of a batch, and the ``conditioning_spread`` (no gradient).
 
         ``cached`` are the batch's VAE encodings when they were computed before training; the pixels are then
         not encoded again. With ``region_masks`` (B, 1, H, W) and a ``region_loss_share`` above 0, the edit loss
         is weighted per pixel by :func:`region_loss_weights`. With ``snr_gamma`` above 0 each item's edit loss is
-        weighted by :func:`min_snr_weights` of its timestep. The items of ``noise.mask_attention`` read their
-        conditioning only inside their ``region_masks`` (hard, at every attention resolution), the null conditioning
-        outside: the UNet then learns to draw an edit where CAM lets it read the conditioning at inference.
+        weighted by :func:`min_snr_weights` of its timestep, and with ``edit_size_power`` above 0 by
+        :func:`edit_size_weights` (its edit's size, target latent against source latent). The items of
+        ``noise.mask_attention`` read their conditioning only inside their ``region_masks`` (hard, at every attention
+        resolution), the null conditioning outside: the UNet then learns to draw an edit where CAM lets it read the
+        conditioning at inference.
 
         ``null_target`` ``source`` makes the items that lose only their conditioning denoise the source's latent
         instead of the target's: the null branch ``ε(image, ∅)`` then learns "no edit" rather than InstructPix2Pix's
@@ -402,9 +434,15 @@ class MGIEObjective(nn.Module):
         else:
             target = epsilon
         squared_error = (prediction.float() - target.float()).pow(2)
+        pixel_weights = None
         if region_masks is not None and region_loss_share > 0:
-            weights = region_loss_weights(region_masks.to(device), tuple(squared_error.shape[-2:]), region_loss_share)
-            squared_error = squared_error * weights
+            pixel_weights = region_loss_weights(
+                region_masks.to(device), tuple(squared_error.shape[-2:]), region_loss_share
+            )
+            squared_error = squared_error * pixel_weights
+        if edit_size_power > 0:
+            weights = edit_size_weights(cached.target_mean, cached.source, edit_size_power, pixel_weights)
+            squared_error = squared_error * weights.to(device)[:, None, None, None]
         if snr_gamma > 0:
             weights = min_snr_weights(self.noise_scheduler, timesteps, snr_gamma).to(device)
             squared_error = squared_error * weights[:, None, None, None]

@@ -96,6 +96,9 @@ class TrainingConfig:
     snr_gamma: float = 0.0
     """Min-SNR-γ weighting of the edit loss over timesteps (0: plain mean squares); see
     :func:`xmgie.training.objective.min_snr_weights`."""
+    edit_size_power: float = 0.0
+    """Weigh each item's edit loss by its edit's size to this negative power, so subtle edits are not outweighed by
+    large ones (0: every item alike); see :func:`xmgie.training.objective.edit_size_weights`."""
     noisy_timestep_share: float = 0.0
     """The share of items (drawn per step) whose timestep is drawn from the noisier half of the schedule, where
     the edit is decided (0: every timestep equally often); see :func:`xmgie.training.objective.noisy_timesteps`."""
@@ -141,6 +144,8 @@ class TrainingConfig:
             raise EditInputError("invalid_option", "--noisy-timestep-share must be at least 0 and below 1")
         if self.snr_gamma < 0:
             raise EditInputError("invalid_option", "--snr-gamma cannot be negative")
+        if not 0 <= self.edit_size_power <= 2:
+            raise EditInputError("invalid_option", "--edit-size-power must be between 0 and 2")
         parse_repeat_rules(self.repeat_rows)
         if not 0 <= self.ema_decay < 1:
             raise EditInputError("invalid_option", "--ema-decay must be at least 0 and below 1")
@@ -413,6 +418,7 @@ def train(config: TrainingConfig, on_step: Callable[[int, dict[str, float]], Non
                 region_masks=batch["mask"],
                 region_loss_share=config.region_loss_share,
                 snr_gamma=config.snr_gamma,
+                edit_size_power=config.edit_size_power,
                 null_target=config.null_target,
             )
             loss = (
