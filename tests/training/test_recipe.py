@@ -22,7 +22,7 @@ from xmgie.training.autoencoder import (
     start_posterior_narrow,
     train_autoencoder,
 )
-from xmgie.training.recipe import load_recipe
+from xmgie.training.recipe import load_recipe, train_stages
 from xmgie.training.synth import write_synthetic_dataset
 
 
@@ -227,7 +227,5 @@ def test_architecture_options_reach_the_builder_and_bad_ones_are_refused(tmp_pat
 
 
 def test_mini_works_at_its_training_size():
-    from xmgie.training.recipe import load_recipe as read
-
-    recipe = read("mini")
-    assert recipe["synth"]["size"] == recipe["train"]["resolution"] == MINI_SIDE
+    recipe = load_recipe("mini")
+    assert {stage["resolution"] for stage in train_stages(recipe)} == {recipe["synth"]["size"]} == {MINI_SIDE}
