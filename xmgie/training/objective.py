@@ -331,7 +331,7 @@ def edit_size_weights(
     if pixel_weights is not None:
         squared = squared * pixel_weights
     size = squared.mean(dim=(1, 2, 3)).sqrt()
-    size = size.clamp_min(EDIT_SIZE_FLOOR * float(size.mean()) + torch.finfo(torch.float32).tiny)
+    size = torch.maximum(size, EDIT_SIZE_FLOOR * size.mean()).clamp_min(torch.finfo(torch.float32).tiny)
     raw = size.pow(-power)
     return raw / raw.mean()
 
